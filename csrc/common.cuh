@@ -1,0 +1,104 @@
+// Shared by every kernel file: error checks, the storage-type traits that let one templated
+// kernel serve float and __nv_bfloat16, the dtype dispatch used by launchers, and warp/block
+// reductions.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+// Raised as RuntimeError on the Python side (pybind11 translates std::runtime_error).
+inline void throw_cuda_error(const char* op, cudaError_t err) {
+    throw std::runtime_error(std::string(op) + ": CUDA error " + cudaGetErrorName(err) + ": " +
+                             cudaGetErrorString(err));
+}
+
+// After every launch: a bad launch configuration (or an earlier asynchronous fault) surfaces
+// here, named after the launcher, instead of at some later unrelated call.
+inline void check_launch(const char* op) {
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) throw_cuda_error(op, err);
+}
+
+#define CUDA_CHECK(op, call)                          \
+    do {                                              \
+        cudaError_t err_ = (call);                    \
+        if (err_ != cudaSuccess) throw_cuda_error(op, err_); \
+    } while (0)
+
+inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+template <typename T> inline T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+inline int ceil_div(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
+
+// ---- storage types -------------------------------------------------------------------------
+// Kernels compute in float and convert at loads and stores, so the same code handles fp32 and
+// bf16 storage. DType codes are what ops.py passes across the binding.
+enum DType : int { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+
+template <typename T> struct StorageTraits;
+template <> struct StorageTraits<float> {
+    static constexpr const char* name = "float32";
+    __device__ __forceinline__ static float to_float(float x) { return x; }
+    __device__ __forceinline__ static float from_float(float x) { return x; }
+};
+template <> struct StorageTraits<__nv_bfloat16> {
+    static constexpr const char* name = "bfloat16";
+    __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+    __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
+};
+template <typename T> __device__ __forceinline__ float load_f(const T* p) {
+    return StorageTraits<T>::to_float(*p);
+}
+template <typename T> __device__ __forceinline__ void store_f(T* p, float x) {
+    *p = StorageTraits<T>::from_float(x);
+}
+
+// Runs `body` with `scalar_t` bound to the storage type named by `dtype`. Only float32 is
+// instantiated for now; bf16 kernels are the same templates, enabled here when the mixed
+// precision path lands (ops.py rejects bf16 before it gets this far).
+#define DISPATCH_STORAGE(op, dtype, ...)                                               \
+    do {                                                                               \
+        if ((dtype) == DTYPE_F32) {                                                    \
+            using scalar_t = float;                                                    \
+            __VA_ARGS__();                                                             \
+        } else {                                                                       \
+            throw std::invalid_argument(std::string(op) + ": unsupported dtype code " + \
+                                        std::to_string(dtype));                        \
+        }                                                                              \
+    } while (0)
+
+// ---- reductions ----------------------------------------------------------------------------
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the
+// result. `scratch` is 32 floats of shared memory. The order of additions is fixed, so the
+// result is the same bits on every run.
+__device__ inline float block_sum(float x, float* scratch) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    x = warp_sum(x);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = x;
+    __syncthreads();
+    x = lane < nwarps ? scratch[lane] : 0.0f;
+    return warp_sum(x);
+}
+__device__ inline float block_max(float x, float* scratch) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    x = warp_max(x);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = x;
+    __syncthreads();
+    x = lane < nwarps ? scratch[lane] : -INFINITY;
+    return warp_max(x);
+}
