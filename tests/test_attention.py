@@ -1,0 +1,221 @@
+"""attention_forward / attention_backward (csrc/attention.cu) against reference.py, and their
+argument checks.
+
+Tolerances. The kernels round q, k, v, dO and the probabilities to TF32 (10-bit mantissa,
+relative rounding error 2^-11 ~ 4.9e-4) for the tensor-core products and accumulate in fp32.
+Emulating exactly that arithmetic in NumPy (lane by lane, T up to 257, d 32/64/128) gives
+norm-wise relative errors of 2.5e-4 .. 4e-4 for out and 2.7e-4 .. 6.5e-4 for dq, dk, dv, flat in
+T. lse is compared by its largest absolute error over all rows: early rows average few scores,
+so it is about one score's TF32 error (sigma ~7e-4 for unit-normal inputs); 2.5e-4 .. 8.2e-4
+was seen. The limits leave 6x to 8x headroom; an indexing or masking mistake shows up as 1e-2
+or (much) more.
+"""
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from textgpt2 import ops, reference
+
+OUT_TOL = 2e-3   # ||out - ref|| / ||ref||
+LSE_TOL = 5e-3   # max |lse - ref| (lse is a log, so this is a relative error of sum exp)
+GRAD_TOL = 5e-3  # per part (dq, dk, dv): ||x - ref|| / max(||ref||, ||ref dqkv|| / 20)
+
+T_VALUES = (1, 7, 64, 65, 257, 1024)
+HEAD_DIMS = (32, 64, 128)
+
+
+def _bh(T):
+    """Batch and head counts: a few heads at small T, B*H = 2 at T >= 257 so the float64
+    reference (B*H*T*T probabilities) stays quick."""
+    return (2, 3) if T <= 65 else (1, 2)
+
+
+CASES = [pytest.param(T, d, marks=[pytest.mark.big] if T >= 1024 else [], id=f"T{T}-d{d}")
+         for T in T_VALUES for d in HEAD_DIMS]
+
+
+def _inputs(rng, B, T, H, d):
+    C = H * d
+    qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    return qkv, dout
+
+
+def _grad_errors(dqkv, ref):
+    """Relative error of the dq, dk and dv thirds. At T = 1 the exact dq and dk are 0 (one key,
+    P = 1, dS = dP - D = 0), so each part is measured against at least 1/20 of the whole
+    gradient's norm."""
+    C = ref.shape[-1] // 3
+    floor = np.linalg.norm(ref) / 20
+    errs = []
+    for i in range(3):
+        x = np.asarray(dqkv[..., i * C:(i + 1) * C], np.float64)
+        r = ref[..., i * C:(i + 1) * C]
+        errs.append(float(np.linalg.norm(x - r) / max(np.linalg.norm(r), floor)))
+    return errs
+
+
+def _run_forward(cp, qkv, H):
+    B, T, C3 = qkv.shape
+    out = cp.full((B, T, C3 // 3), np.nan, dtype=np.float32)   # poisoned: every element written
+    lse = cp.full((B, H, T), np.nan, dtype=np.float32)
+    ops.attention_forward(cp.asarray(qkv), H, out=out, lse=lse)
+    return out, lse
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, d", CASES)
+def test_attention_forward_matches_reference(cp, rng, T, d):
+    B, H = _bh(T)
+    qkv, _ = _inputs(rng, B, T, H, d)
+    out, lse = _run_forward(cp, qkv, H)
+    ref_out, ref_lse = reference.attention_forward(qkv, H)
+    out, lse = out.get(), lse.get()
+    assert not np.isnan(out).any() and not np.isnan(lse).any()
+    assert rel_err(out, ref_out) < OUT_TOL
+    assert np.max(np.abs(lse.astype(np.float64) - ref_lse)) < LSE_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, d", CASES)
+def test_attention_backward_matches_reference(cp, rng, T, d):
+    B, H = _bh(T)
+    qkv, dout = _inputs(rng, B, T, H, d)
+    out, lse = _run_forward(cp, qkv, H)
+    dqkv = cp.full(qkv.shape, np.nan, dtype=np.float32)  # poisoned: fully overwritten
+    ops.attention_backward(cp.asarray(dout), cp.asarray(qkv), out, lse, H, dqkv=dqkv)
+    dqkv = dqkv.get()
+    assert not np.isnan(dqkv).any()
+    errs = _grad_errors(dqkv, reference.attention_backward(dout, qkv, H))
+    assert max(errs) < GRAD_TOL, f"dq, dk, dv relative errors {errs}"
+
+
+@pytest.mark.gpu
+@pytest.mark.big
+def test_attention_long_sequence(cp, rng):
+    """T = 2048 (the issue's 'at least 2048'), one head of 64."""
+    B, T, H, d = 1, 2048, 1, 64
+    qkv, dout = _inputs(rng, B, T, H, d)
+    out, lse = _run_forward(cp, qkv, H)
+    ref_out, ref_lse = reference.attention_forward(qkv, H)
+    assert rel_err(out.get(), ref_out) < OUT_TOL
+    assert np.max(np.abs(lse.get().astype(np.float64) - ref_lse)) < LSE_TOL
+    dqkv = ops.attention_backward(cp.asarray(dout), cp.asarray(qkv), out, lse, H)
+    errs = _grad_errors(dqkv.get(), reference.attention_backward(dout, qkv, H))
+    assert max(errs) < GRAD_TOL, f"dq, dk, dv relative errors {errs}"
+
+
+@pytest.mark.gpu
+def test_attention_backward_is_deterministic(cp, rng):
+    """No atomics: two runs give identical bits (T not a multiple of any tile)."""
+    B, T, H, d = 2, 257, 2, 64
+    qkv, dout = _inputs(rng, B, T, H, d)
+    qkv, dout = cp.asarray(qkv), cp.asarray(dout)
+    out, lse = ops.attention_forward(qkv, H)
+    first = cp.full(qkv.shape, np.nan, dtype=np.float32)
+    second = cp.full(qkv.shape, -np.inf, dtype=np.float32)
+    ops.attention_backward(dout, qkv, out, lse, H, dqkv=first)
+    ops.attention_backward(dout, qkv, out, lse, H, dqkv=second)
+    assert bool(cp.all(first.view(cp.uint32) == second.view(cp.uint32)))
+    out2, lse2 = ops.attention_forward(qkv, H)
+    assert bool(cp.all(out.view(cp.uint32) == out2.view(cp.uint32)))
+    assert bool(cp.all(lse.view(cp.uint32) == lse2.view(cp.uint32)))
+
+
+@pytest.mark.gpu
+def test_attention_allocates_outputs_and_uses_stream(cp, rng):
+    B, T, H, d = 2, 33, 2, 32
+    qkv, dout = _inputs(rng, B, T, H, d)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        q, g = cp.asarray(qkv), cp.asarray(dout)
+    out, lse = ops.attention_forward(q, H, stream=stream)
+    assert out.shape == (B, T, H * d) and out.dtype == np.float32
+    assert lse.shape == (B, H, T) and lse.dtype == np.float32
+    dqkv = ops.attention_backward(g, q, out, lse, H, stream=stream)
+    assert dqkv.shape == qkv.shape
+    stream.synchronize()
+    ref_out, _ = reference.attention_forward(qkv, H)
+    assert rel_err(out.get(), ref_out) < OUT_TOL
+    errs = _grad_errors(dqkv.get(), reference.attention_backward(dout, qkv, H))
+    assert max(errs) < GRAD_TOL
+
+
+# ---- argument checks -------------------------------------------------------------------------
+
+def test_attention_rejects_host_array():
+    qkv = np.zeros((1, 4, 96), np.float32)
+    with pytest.raises(TypeError, match="attention_forward: argument 'qkv'.*NumPy"):
+        ops.attention_forward(qkv, 1)
+    with pytest.raises(TypeError, match="attention_backward: argument 'dout'.*NumPy"):
+        ops.attention_backward(np.zeros((1, 4, 32), np.float32), qkv, None, None, 1)
+
+
+@pytest.mark.gpu
+def test_attention_forward_rejects_bad_arguments(cp):
+    qkv = cp.zeros((2, 5, 3 * 64), cp.float32)
+    with pytest.raises(ValueError, match="attention_forward: argument 'qkv' must have 3 dimensions"):
+        ops.attention_forward(cp.zeros((5, 192), cp.float32), 1)
+    with pytest.raises(ValueError, match="attention_forward: argument 'qkv' has shape .* not divisible by 3"):
+        ops.attention_forward(cp.zeros((2, 5, 100), cp.float32), 1)
+    with pytest.raises(ValueError, match="attention_forward: 'n_head' = 3 does not divide C = 64"):
+        ops.attention_forward(qkv, 3)
+    with pytest.raises(ValueError, match=r"attention_forward: head dimension C/n_head = 64/4 = 16 is not supported"):
+        ops.attention_forward(qkv, 4)
+    with pytest.raises(ValueError, match=r"attention_forward: head dimension C/n_head = 96/2 = 48 is not supported"):
+        ops.attention_forward(cp.zeros((1, 3, 288), cp.float32), 2)
+    with pytest.raises(ValueError, match=r"attention_forward: head dimension C/n_head = 256/1 = 256 is not supported"):
+        ops.attention_forward(cp.zeros((1, 3, 768), cp.float32), 1)
+    with pytest.raises(ValueError, match="attention_forward: 'n_head' must be a positive integer"):
+        ops.attention_forward(qkv, 0)
+    with pytest.raises(ValueError, match="attention_forward: 'n_head' must be a positive integer"):
+        ops.attention_forward(qkv, 2.0)
+    with pytest.raises(ValueError, match="attention_forward: argument 'qkv' has shape .*B and T must be at least 1"):
+        ops.attention_forward(cp.zeros((2, 0, 192), cp.float32), 1)
+    with pytest.raises(TypeError, match="attention_forward: argument 'qkv' has dtype float64"):
+        ops.attention_forward(qkv.astype(cp.float64), 1)
+    with pytest.raises(ValueError, match="attention_forward: argument 'qkv' must be C-contiguous"):
+        ops.attention_forward(cp.zeros((2, 3 * 64, 5), cp.float32).transpose(0, 2, 1), 1)
+    with pytest.raises(ValueError, match="attention_forward: argument 'out' has shape"):
+        ops.attention_forward(qkv, 1, out=cp.zeros((2, 5, 192), cp.float32))
+    with pytest.raises(ValueError, match="attention_forward: argument 'lse' has shape"):
+        ops.attention_forward(qkv, 1, lse=cp.zeros((2, 5), cp.float32))
+    with pytest.raises(TypeError, match="attention_forward: argument 'lse' has dtype float64"):
+        ops.attention_forward(qkv, 1, lse=cp.zeros((2, 1, 5), cp.float64))
+    flat = cp.zeros(2 * 5 * 192 + 1, cp.float32)
+    with pytest.raises(ValueError, match="attention_forward: argument 'qkv' must be 16-byte aligned"):
+        ops.attention_forward(flat[1:].reshape(2, 5, 192), 1)
+    with pytest.raises(ValueError, match="attention_forward: arguments 'out' and 'qkv' overlap"):
+        ops.attention_forward(qkv, 1, out=qkv.reshape(-1)[:640].reshape(2, 5, 64))
+
+
+@pytest.mark.gpu
+def test_attention_backward_rejects_bad_arguments(cp):
+    B, T, H, d = 2, 5, 2, 32
+    C = H * d
+    qkv = cp.zeros((B, T, 3 * C), cp.float32)
+    dout = cp.zeros((B, T, C), cp.float32)
+    out = cp.zeros((B, T, C), cp.float32)
+    lse = cp.zeros((B, H, T), cp.float32)
+    with pytest.raises(ValueError, match="attention_backward: argument 'dout' has shape"):
+        ops.attention_backward(cp.zeros((B, T, C + 1), cp.float32), qkv, out, lse, H)
+    with pytest.raises(ValueError, match="attention_backward: argument 'out' has shape"):
+        ops.attention_backward(dout, qkv, cp.zeros((B, T + 1, C), cp.float32), lse, H)
+    with pytest.raises(ValueError, match="attention_backward: argument 'lse' has shape"):
+        ops.attention_backward(dout, qkv, out, cp.zeros((B, T, H), cp.float32), H)
+    with pytest.raises(TypeError, match="attention_backward: argument 'lse' has dtype float64"):
+        ops.attention_backward(dout, qkv, out, lse.astype(cp.float64), H)
+    with pytest.raises(TypeError, match="attention_backward: argument 'dout' has dtype float64"):
+        ops.attention_backward(dout.astype(cp.float64), qkv, out, lse, H)
+    with pytest.raises(ValueError, match="attention_backward: 'n_head' = 3 does not divide C = 64"):
+        ops.attention_backward(dout, qkv, out, lse, 3)
+    with pytest.raises(ValueError, match=r"attention_backward: head dimension C/n_head = 64/4 = 16 is not supported"):
+        ops.attention_backward(dout, qkv, out, lse, 4)
+    with pytest.raises(ValueError, match="attention_backward: argument 'dout' must be C-contiguous"):
+        ops.attention_backward(cp.zeros((B, C, T), cp.float32).transpose(0, 2, 1), qkv, out, lse, H)
+    with pytest.raises(ValueError, match="attention_backward: argument 'dqkv' has shape"):
+        ops.attention_backward(dout, qkv, out, lse, H, dqkv=cp.zeros((B, T, C), cp.float32))
+    with pytest.raises(ValueError, match="attention_backward: arguments 'dqkv' and 'qkv' overlap"):
+        ops.attention_backward(dout, qkv, out, lse, H, dqkv=qkv)
+    with pytest.raises(TypeError, match="attention_backward: argument 'out' must be a CuPy array"):
+        ops.attention_backward(dout, qkv, out.get(), lse, H)
