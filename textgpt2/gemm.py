@@ -1,0 +1,182 @@
+"""Row-major matrix products for the linear layers, through cuBLAS (CuPy's low-level binding).
+
+    matmul_forward(x (..., C), w (OC, C))          -> out (..., OC) = x @ w.T   [+ bias]
+    matmul_backward_input(dout (..., OC), w)       -> dx (..., C)   = dout @ w
+    matmul_backward_weight(dout, x, dw (OC, C))    :  dw += dout^T @ x  (summed over all rows)
+
+Weights use the PyTorch layout (out_features, in_features). cuBLAS is column-major: a row-major
+(R, K) array read column-major is its (K, R) transpose, so the row-major C = A @ B.T is computed
+as the column-major C^T = B @ A^T, with no copy of any operand; `_plan` below spells out the three
+cases. Math: TF32 tensor cores by default (fp32 storage and accumulation, inputs rounded to a
+10-bit mantissa, about 1e-3 relative error), or strict fp32 after set_math("fp32").
+
+Every call runs on the current CuPy stream (or `stream`, made current for the call), sets the
+handle's math mode for the call and restores it after, so CuPy's own matmuls are unaffected.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from textgpt2 import ops
+
+_MODES = ("tf32", "fp32")
+_math = "tf32"
+
+# cublasOperation_t values (cublas_api.h): fixed by the cuBLAS ABI. Kept here so the argument
+# mapping can be checked without loading libcublas.
+_OP_N, _OP_T = 0, 1
+_ONE = np.array(1.0, dtype=np.float32)   # alpha/beta live on the host (CUBLAS_POINTER_MODE_HOST,
+_ZERO = np.array(0.0, dtype=np.float32)  # CuPy's default), read when gemmEx is called
+
+
+def set_math(mode: str) -> None:
+    """"tf32" (default: tensor cores, fp32 accumulation) or "fp32" (exact fp32 products)."""
+    global _math
+    if mode not in _MODES:
+        raise ValueError(f"gemm.set_math: mode must be one of {_MODES}, got {mode!r}")
+    _math = mode
+
+
+def get_math() -> str:
+    return _math
+
+
+class _Plan(NamedTuple):
+    """Column-major gemm arguments: C(m x n, ldc) = alpha op(A)(m x k) op(B)(k x n) + beta C."""
+    transa: int
+    transb: int
+    m: int
+    n: int
+    k: int
+    a: str    # which argument is cuBLAS's A
+    lda: int
+    b: str    # ... and B
+    ldb: int
+    ldc: int
+
+
+def _plan(kind: str, N: int, C: int, OC: int) -> _Plan:
+    """The row-major product `kind` over N rows, C inputs, OC outputs as one column-major gemm.
+    Read column-major: x (N, C) is x^T (C x N, ld C); w (OC, C) is w^T (C x OC, ld C);
+    dout (N, OC) is dout^T (OC x N, ld OC); out/dx/dw likewise."""
+    if kind == "forward":          # out^T (OC x N) = (w^T)^T (OC x C) @ x^T (C x N)
+        return _Plan(_OP_T, _OP_N, OC, N, C, "w", C, "x", C, OC)
+    if kind == "backward_input":   # dx^T (C x N) = w^T (C x OC) @ dout^T (OC x N)
+        return _Plan(_OP_N, _OP_N, C, N, OC, "w", C, "dout", OC, C)
+    if kind == "backward_weight":  # dw^T (C x OC) = x^T (C x N) @ (dout^T)^T (N x OC)
+        return _Plan(_OP_N, _OP_T, C, OC, N, "x", C, "dout", OC, C)
+    raise ValueError(f"unknown product {kind!r}")
+
+
+def _cublas():
+    # Imported on first use: loading it needs libcublas (and a GPU to do anything useful).
+    from cupy_backends.cuda.libs import cublas
+    return cublas
+
+
+def _gemm(plan: _Plan, arrays: dict, out, beta, stream) -> None:
+    cp = ops._cp()
+    cublas = _cublas()
+    from cupy_backends.cuda.api import runtime
+
+    dtype = runtime.CUDA_R_32F  # fp32 storage (bf16 later: CUDA_R_16BF, same compute type)
+    if _math == "tf32":
+        mode, compute = cublas.CUBLAS_TF32_TENSOR_OP_MATH, cublas.CUBLAS_COMPUTE_32F_FAST_TF32
+    else:
+        mode, compute = cublas.CUBLAS_DEFAULT_MATH, cublas.CUBLAS_COMPUTE_32F
+    A, B = arrays[plan.a], arrays[plan.b]
+    with (stream if stream is not None else cp.cuda.get_current_stream()):
+        handle = cp.cuda.device.get_cublas_handle()
+        previous = cublas.getMathMode(handle)
+        cublas.setMathMode(handle, mode)
+        try:
+            # gemmEx also binds the handle to the current stream; doing it here too keeps the
+            # stream explicit.
+            cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
+            cublas.gemmEx(handle, plan.transa, plan.transb, plan.m, plan.n, plan.k,
+                          _ONE.ctypes.data, A.data.ptr, dtype, plan.lda,
+                          B.data.ptr, dtype, plan.ldb,
+                          beta.ctypes.data, out.data.ptr, dtype, plan.ldc,
+                          compute, cublas.CUBLAS_GEMM_DEFAULT)
+        finally:
+            cublas.setMathMode(handle, previous)
+
+
+def _weight(op, w):
+    ops._check_array(op, "w", w, ndim=2)
+    OC, C = w.shape
+    if OC == 0 or C == 0:
+        raise ValueError(f"{op}: argument 'w' has shape {w.shape}; both dimensions must be "
+                         "positive")
+    ops._int32_size(op, "w.shape[0]", OC)
+    ops._int32_size(op, "w.shape[1]", C)
+    return OC, C
+
+
+def matmul_forward(x, w, out=None, bias=None, stream=None):
+    """out = x @ w.T (+ bias). x (..., C), w (OC, C) -> out (..., OC); bias (OC,) optional (added
+    by ops.bias_forward). `out` must not overlap x or w."""
+    op = "matmul_forward"
+    ops._check_array(op, "x", x)
+    OC, C = _weight(op, w)
+    N, xc = ops._row_view_shape(op, "x", x)
+    if xc != C:
+        raise ValueError(f"{op}: x has {xc} columns but w has shape {w.shape}: x.shape[-1] must "
+                         "equal w.shape[1]")
+    ops._check_same_dtype(op, x=x, w=w)
+    with ops._allocation_stream(stream):
+        out = ops._out(op, "out", out, x.shape[:-1] + (OC,), x.dtype)
+    ops._check_no_partial_overlap(op, "out", out, "x", x, allow_same=False)
+    ops._check_no_partial_overlap(op, "out", out, "w", w, allow_same=False)
+    if bias is not None:
+        ops._check_array(op, "bias", bias, shape=(OC,))
+        ops._check_same_dtype(op, x=x, bias=bias)
+    if N > 0:
+        _gemm(_plan("forward", N, C, OC), {"x": x, "w": w}, out, _ZERO, stream)
+        if bias is not None:
+            ops.bias_forward(out, bias, out=out, stream=stream)
+    return out
+
+
+def matmul_backward_input(dout, w, dx=None, stream=None):
+    """dx = dout @ w. dout (..., OC), w (OC, C) -> dx (..., C), overwritten."""
+    op = "matmul_backward_input"
+    ops._check_array(op, "dout", dout)
+    OC, C = _weight(op, w)
+    N, doc = ops._row_view_shape(op, "dout", dout)
+    if doc != OC:
+        raise ValueError(f"{op}: dout has {doc} columns but w has shape {w.shape}: "
+                         "dout.shape[-1] must equal w.shape[0]")
+    ops._check_same_dtype(op, dout=dout, w=w)
+    with ops._allocation_stream(stream):
+        dx = ops._out(op, "dx", dx, dout.shape[:-1] + (C,), dout.dtype)
+    ops._check_no_partial_overlap(op, "dx", dx, "dout", dout, allow_same=False)
+    ops._check_no_partial_overlap(op, "dx", dx, "w", w, allow_same=False)
+    if N > 0:
+        _gemm(_plan("backward_input", N, C, OC), {"w": w, "dout": dout}, dx, _ZERO, stream)
+    return dx
+
+
+def matmul_backward_weight(dout, x, dw, stream=None):
+    """dw += dout^T @ x summed over all rows: dout (..., OC), x (..., C), dw (OC, C). Returns dw."""
+    op = "matmul_backward_weight"
+    ops._check_array(op, "dout", dout)
+    ops._check_array(op, "x", x)
+    ops._check_array(op, "dw", dw, ndim=2)
+    OC, C = dw.shape
+    if OC == 0 or C == 0:
+        raise ValueError(f"{op}: argument 'dw' has shape {dw.shape}; both dimensions must be "
+                         "positive")
+    N, doc = ops._row_view_shape(op, "dout", dout)
+    _, xc = ops._row_view_shape(op, "x", x)
+    if doc != OC or xc != C or dout.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"{op}: dout {dout.shape} and x {x.shape} must share their leading "
+                         f"dimensions and match dw {dw.shape} = (dout.shape[-1], x.shape[-1])")
+    ops._check_same_dtype(op, dout=dout, x=x, dw=dw)
+    ops._check_no_partial_overlap(op, "dw", dw, "dout", dout, allow_same=False)
+    ops._check_no_partial_overlap(op, "dw", dw, "x", x, allow_same=False)
+    if N > 0:
+        _gemm(_plan("backward_weight", N, C, OC), {"x": x, "dout": dout}, dw, _ONE, stream)
+    return dw
