@@ -13,7 +13,7 @@ PYBIND11_MODULE(_C, m) {
           py::arg("wpe"), py::arg("B"), py::arg("T"), py::arg("C"), py::arg("V"),
           py::arg("dtype"), py::arg("stream"));
     m.def("encoder_backward_scratch_size", &encoder_backward_scratch_size, py::arg("B"),
-          py::arg("T"), py::arg("V"));
+          py::arg("T"), py::arg("C"), py::arg("V"));
     m.def("encoder_backward", &encoder_backward, py::arg("dwte"), py::arg("dwpe"),
           py::arg("scratch"), py::arg("dout"), py::arg("idx"), py::arg("B"), py::arg("T"),
           py::arg("C"), py::arg("V"), py::arg("dtype"), py::arg("stream"));
@@ -62,4 +62,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("attention_backward", &attention_backward, py::arg("dqkv"), py::arg("scratch"),
           py::arg("dout"), py::arg("qkv"), py::arg("out"), py::arg("lse"), py::arg("B"),
           py::arg("T"), py::arg("C"), py::arg("H"), py::arg("dtype"), py::arg("stream"));
+
+    m.def("dropout_forward", &dropout_forward, py::arg("out"), py::arg("x"), py::arg("seed"),
+          py::arg("offset"), py::arg("n"), py::arg("p"), py::arg("dtype"), py::arg("stream"));
+    m.def("dropout_backward", &dropout_backward, py::arg("dx"), py::arg("dout"), py::arg("seed"),
+          py::arg("offset"), py::arg("n"), py::arg("p"), py::arg("dtype"), py::arg("stream"));
 }

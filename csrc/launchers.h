@@ -12,9 +12,12 @@
 // encoder.cu: out[b,t,:] = wte[idx[b,t],:] + wpe[t,:]
 void encoder_forward(uintptr_t out, uintptr_t idx, uintptr_t wte, uintptr_t wpe,
                      int B, int T, int C, int V, int dtype, uintptr_t stream);
-// dwte[v] += sum of dout rows whose token is v; dwpe[t] += sum_b dout[b,t]. Deterministic.
-// scratch: int32 workspace of encoder_backward_scratch_size(B, T, V) elements.
-long long encoder_backward_scratch_size(int B, int T, int V);
+// An out-of-range id (outside [0, V), V = wte rows) writes NaN over its out row.
+// dwte[v] += sum of dout rows whose token is v; dwpe[t] += sum_b dout[b,t]. Deterministic (same
+// bits every run, no float atomics); rows of out-of-range ids reach dwpe but no dwte row.
+// scratch: int32 workspace of encoder_backward_scratch_size(B, T, C, V) elements (256-byte aligned;
+// it holds float32 partial sums too, hence C). Needs B*T <= 2^30 and V + T < 2^31 - 1.
+long long encoder_backward_scratch_size(int B, int T, int C, int V);
 void encoder_backward(uintptr_t dwte, uintptr_t dwpe, uintptr_t scratch, uintptr_t dout,
                       uintptr_t idx, int B, int T, int C, int V, int dtype, uintptr_t stream);
 
@@ -48,13 +51,14 @@ void gelu_backward(uintptr_t dx, uintptr_t x, uintptr_t dout, long long n, int d
 
 // cross_entropy.cu: rows of Vp logits of which the first V are real. losses[n] =
 // logsumexp(row[:V]) - row[target]; if dlogits != 0 it gets (softmax - onehot) * dloss_scale
-// for the first V columns and 0 for the padded ones (dlogits may alias logits).
+// for the first V columns and 0 for the padded ones (dlogits may alias logits). A target
+// outside [0, V) gives that row loss NaN and dlogits NaN on its first V columns (pads still 0).
 void cross_entropy_forward_backward(uintptr_t losses, uintptr_t dlogits, uintptr_t logits,
                                     uintptr_t targets, int N, int V, int Vp,
                                     float dloss_scale, int dtype, uintptr_t stream);
 
 // adamw.cu (float32 master weights, gradients and moments, one flat buffer each)
-// out[0] = sum(grads^2), deterministic, through scratch (adamw_scratch_size(n) floats).
+// out[0] = sum(grads^2), deterministic, through scratch (global_norm_scratch_size(n) floats).
 long long global_norm_scratch_size(long long n);
 void global_norm_squared(uintptr_t out, uintptr_t scratch, uintptr_t grads, long long n,
                          uintptr_t stream);
@@ -75,3 +79,12 @@ long long attention_backward_scratch_size(int B, int T, int H);
 void attention_backward(uintptr_t dqkv, uintptr_t scratch, uintptr_t dout, uintptr_t qkv,
                         uintptr_t out, uintptr_t lse, int B, int T, int C, int H, int dtype,
                         uintptr_t stream);
+
+// dropout.cu: out = x * keep / (1 - p) with keep ~ Bernoulli(1 - p) from Philox-4x32-10 keyed by
+// (seed, offset, element index) (counter layout: csrc/philox.cuh); dropout_backward regenerates
+// the same mask: dx = dout * keep / (1 - p). 0 <= p < 1 (p == 0: a copy). out may alias x, dx may
+// alias dout (exactly, not partially).
+void dropout_forward(uintptr_t out, uintptr_t x, uint64_t seed, uint64_t offset, long long n,
+                     float p, int dtype, uintptr_t stream);
+void dropout_backward(uintptr_t dx, uintptr_t dout, uint64_t seed, uint64_t offset, long long n,
+                      float p, int dtype, uintptr_t stream);

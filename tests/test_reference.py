@@ -500,3 +500,109 @@ def test_gpt_backward_full_gradient_of_small_tensors(rng):
     for name in ["h.1.ln_1.weight", "h.1.attn.c_proj.bias", "ln_f.bias"]:
         num = numerical_grad(f, params[name], h=1e-5)
         assert rel_err(grads[name], num) < 1e-6, name
+
+
+# ---- dropout ----------------------------------------------------------------------------
+
+# Random123's published known-answer vectors for Philox-4x32-10 (its kat_vectors file):
+# (counter, key, output), all 32-bit words.
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter,key,expected", PHILOX_KAT)
+def test_philox4x32_10_known_answers(counter, key, expected):
+    out = R.philox4x32_10(np.array(counter, dtype=np.uint32), np.array(key, dtype=np.uint32))
+    assert out.dtype == np.uint32
+    assert out.tolist() == list(expected)
+
+
+def test_philox4x32_10_batched_equals_single():
+    counters = np.array([c for c, _, _ in PHILOX_KAT], dtype=np.uint32)
+    keys = np.array([k for _, k, _ in PHILOX_KAT], dtype=np.uint32)
+    assert R.philox4x32_10(counters, keys).tolist() == [list(e) for _, _, e in PHILOX_KAT]
+
+
+def test_dropout_mask_counter_layout():
+    """Element i is word i & 3 of Philox(counter = (g lo, g hi, offset lo, offset hi),
+    key = (seed lo, seed hi)), g = i >> 2, kept iff word >= floor(float32(p) 2^32): the layout
+    csrc/philox.cuh documents and the attention kernel relies on."""
+    seed, offset, p, n = 0x0123456789ABCDEF, 0xFEDCBA9876543210, 0.3, 23
+    mask = R.dropout_mask(seed, offset, n, p)
+    thr = R.dropout_threshold(p)
+    assert thr == int(np.float64(np.float32(0.3)) * 2**32)
+    for i in range(n):
+        g = i >> 2
+        words = R.philox4x32_10([g & 0xFFFFFFFF, g >> 32, offset & 0xFFFFFFFF, offset >> 32],
+                                [seed & 0xFFFFFFFF, seed >> 32])
+        assert mask[i] == (int(words[i & 3]) >= thr)
+    # a mask of n elements is the prefix of a longer one (no dependence on n)
+    np.testing.assert_array_equal(R.dropout_mask(seed, offset, 1001, p)[:n], mask)
+    # the high 32 bits of seed and offset take part
+    base = R.dropout_mask(5, 7, 256, 0.5)
+    assert not np.array_equal(base, R.dropout_mask(5 + 2**32, 7, 256, 0.5))
+    assert not np.array_equal(base, R.dropout_mask(5, 7 + 2**32, 256, 0.5))
+    assert R.dropout_mask(5, 7, 0, 0.5).shape == (0,)
+    assert R.dropout_mask(5, 7, 99, 0.0).all()  # threshold 0 keeps everything
+
+
+def test_dropout_threshold_and_scale():
+    assert R.dropout_threshold(0.0) == 0
+    assert R.dropout_threshold(0.5) == 2**31
+    assert R.dropout_threshold(np.nextafter(np.float32(1), np.float32(0))) == 2**32 - 2**8
+    assert R.dropout_scale(0.5) == np.float32(2.0)
+    assert R.dropout_scale(0.1) == np.float32(1.0 / (1.0 - float(np.float32(0.1))))
+    for bad in (-0.1, 1.0, 1.0 - 1e-12, float("nan")):  # 1 - 1e-12 rounds to 1 in float32
+        with pytest.raises(ValueError):
+            R.dropout_threshold(bad)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_mask_kept_fraction(p):
+    """Kept count ~ Binomial(n, 1 - p): within 5 standard deviations (a false failure has
+    probability ~6e-7), overall and for each of the 4 words of a Philox output separately."""
+    n = 1 << 20
+    mask = R.dropout_mask(2024, 11, n, p)
+    for sub in (mask, *(mask[k::4] for k in range(4))):
+        m = sub.size
+        assert abs(sub.sum() - m * (1 - p)) < 5 * math.sqrt(m * p * (1 - p))
+
+
+def test_dropout_mask_streams_look_independent():
+    """Masks of different seeds/offsets agree on a fraction (1-p)^2 + p^2 of the elements, as
+    independent ones do (5 sigma), and neighbouring elements are uncorrelated."""
+    n, p = 1 << 18, 0.5
+    a = R.dropout_mask(1, 0, n, p)
+    for b in (R.dropout_mask(2, 0, n, p), R.dropout_mask(1, 1, n, p),
+              np.roll(a, 1)):  # lag-1 autocorrelation within one stream
+        agree = np.mean(a == b)
+        assert abs(agree - 0.5) < 5 * math.sqrt(0.25 / n)
+
+
+def test_dropout_forward_values():
+    x = np.array([1.0, -2.0, 3.0, np.inf, np.nan, 4.0])
+    mask = np.array([True, False, True, False, False, True])
+    out = R.dropout_forward(x, mask, 0.25)
+    np.testing.assert_array_equal(out, [1 / 0.75, 0.0, 3 / 0.75, 0.0, 0.0, 4 / 0.75])
+    np.testing.assert_array_equal(R.dropout_forward(x[:3], np.ones(3, bool), 0.0), x[:3])
+    with pytest.raises(ValueError, match="mask shape"):
+        R.dropout_forward(x, mask[:5], 0.25)
+    with pytest.raises(TypeError, match="boolean"):
+        R.dropout_forward(x, mask.astype(np.int32), 0.25)
+    with pytest.raises(ValueError, match="0 <= p < 1"):
+        R.dropout_forward(x, mask, 1.0)
+
+
+def test_dropout_backward_finite_differences(rng):
+    x = rng.standard_normal((3, 7))
+    G = rng.standard_normal((3, 7))
+    p = 0.3
+    mask = R.dropout_mask(9, 4, x.size, p).reshape(x.shape)
+    assert 0 < mask.sum() < mask.size  # both kept and dropped entries are exercised
+    dx = R.dropout_backward(G, mask, p)
+    check_grad(lambda: np.sum(R.dropout_forward(x, mask, p) * G), x, dx)
+    np.testing.assert_array_equal(dx[~mask], 0.0)

@@ -410,3 +410,120 @@ def gpt_backward(params, cache, config):
     dwte_emb, grads["wpe"] = encoder_backward(dx, cache["idx"], Vp, maxT)
     grads["wte"] = dwte_head + dwte_emb
     return {name: grads[name] for name in gpt_param_shapes(config)}
+
+
+# ---- dropout -------------------------------------------------------------------------------
+# The CUDA mask generator (csrc/philox.cuh) in NumPy, bit for bit: Philox-4x32-10 with
+#   key = (seed & 0xffffffff, seed >> 32), counter = (g & 0xffffffff, g >> 32,
+#   offset & 0xffffffff, offset >> 32), g = i >> 2; element i uses output word i & 3 and is kept
+#   iff that word >= floor(float32(p) * 2^32).
+
+__all__ += ["dropout_forward", "dropout_backward", "philox4x32_10", "dropout_threshold",
+            "dropout_scale", "dropout_mask"]
+
+_PHILOX_M0, _PHILOX_M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)  # round multipliers
+_PHILOX_W0, _PHILOX_W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)  # Weyl key increments
+_U32 = np.uint64(0xFFFFFFFF)
+
+
+def _dropout_p(p):
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability p must satisfy 0 <= p < 1, got {p}")
+    return p
+
+
+def _keep_mask(mask, shape):
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"mask must be boolean (True = kept), got dtype {mask.dtype}")
+    if mask.shape != shape:
+        raise ValueError(f"mask shape {mask.shape} does not match {shape}")
+    return mask
+
+
+def dropout_forward(x, mask, p):
+    """Inverted dropout with a given keep mask: out = x / (1 - p) where mask, else 0 (exactly
+    0, also for inf/NaN inputs, as the kernel's select does)."""
+    x, p = _f64(x), _dropout_p(p)
+    return np.where(_keep_mask(mask, x.shape), x / (1.0 - p), 0.0)
+
+
+def dropout_backward(dout, mask, p):
+    """out_i = x_i * mask_i / (1 - p) depends on x_i alone, linearly, so
+    dx = dout / (1 - p) where mask, else 0: the forward map applied to dout."""
+    dout, p = _f64(dout), _dropout_p(p)
+    return np.where(_keep_mask(mask, dout.shape), dout / (1.0 - p), 0.0)
+
+
+def _u64_words(values, name, words):
+    """Integers in [0, 2^32) as a uint64 array with last axis `words`."""
+    a = np.asarray(values)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name} must be integers, got dtype {a.dtype}")
+    if a.shape[-1:] != (words,):
+        raise ValueError(f"{name} must have last dimension {words}, got shape {a.shape}")
+    if a.size and (int(a.min()) < 0 or int(a.max()) > 0xFFFFFFFF):
+        raise ValueError(f"{name} words must lie in [0, 2^32)")
+    return a.astype(np.uint64)
+
+
+def _philox_words(c0, c1, c2, c3, k0, k1):
+    """Philox-4x32-10 on uint64 arrays holding 32-bit words (broadcast together). Each round:
+    (c0, c1, c2, c3) <- (hi(M1 c2) ^ c1 ^ k0, lo(M1 c2), hi(M0 c0) ^ c3 ^ k1, lo(M0 c0));
+    the key is bumped by (W0, W1) between rounds. Products of two 32-bit values fit uint64."""
+    for r in range(10):
+        if r:
+            k0 = (k0 + _PHILOX_W0) & _U32
+            k1 = (k1 + _PHILOX_W1) & _U32
+        p0 = _PHILOX_M0 * c0
+        p1 = _PHILOX_M1 * c2
+        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & _U32,
+                          (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & _U32)
+    return c0, c1, c2, c3
+
+
+def philox4x32_10(counter, key):
+    """Philox-4x32-10 of Salmon et al. (SC 2011): counter (..., 4) and key (..., 2) of 32-bit
+    words (broadcast against each other) -> (..., 4) uint32."""
+    c = _u64_words(counter, "counter", 4)
+    k = _u64_words(key, "key", 2)
+    out = _philox_words(c[..., 0], c[..., 1], c[..., 2], c[..., 3], k[..., 0], k[..., 1])
+    return np.stack(np.broadcast_arrays(*out), axis=-1).astype(np.uint32)
+
+
+def dropout_threshold(p):
+    """floor(float32(p) * 2^32): an element is kept iff its 32-bit random word is >= this, so
+    P(keep) = 1 - threshold / 2^32. p crosses to the kernels as a C float, hence the rounding."""
+    p32 = np.float64(np.float32(_dropout_p(p)))
+    if p32 >= 1.0:
+        raise ValueError(f"dropout probability p={p} rounds to 1 as a float32")
+    return int(p32 * 4294967296.0)  # exact product (24-bit mantissa), int() floors
+
+
+def dropout_scale(p):
+    """The float32 factor the kernels multiply kept values by: float32(1 / (1 - float32(p)))."""
+    return np.float32(1.0 / (1.0 - np.float64(np.float32(_dropout_p(p)))))
+
+
+def _u64_scalar(value, name):
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+            or not 0 <= int(value) < 2**64):
+        raise ValueError(f"{name} must be an integer in [0, 2^64), got {value!r}")
+    return int(value)
+
+
+def dropout_mask(seed, offset, n, p):
+    """The keep mask (bool, shape (n,), True = kept) that the CUDA dropout kernels draw for n
+    elements of stream (seed, offset) at drop probability p, bit for bit."""
+    seed, offset = _u64_scalar(seed, "seed"), _u64_scalar(offset, "offset")
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    thr = np.uint64(dropout_threshold(p))
+    g = np.arange((n + 3) // 4, dtype=np.uint64)
+    w32 = lambda v: np.uint64(v & 0xFFFFFFFF)
+    words = _philox_words(g & _U32, g >> np.uint64(32), w32(offset), w32(offset >> 32),
+                          w32(seed), w32(seed >> 32))
+    words = np.stack(np.broadcast_arrays(*words), axis=-1).reshape(-1)[:n]
+    return words >= thr
