@@ -10,7 +10,8 @@ trap 'tar czf "$OUT/logs.tgz" -C "$L" .' EXIT
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__version__)"; } > "$L/env.txt" 2>&1
 t0=$(date +%s)
-pip install -q --no-build-isolation --no-deps -e . > "$L/build.txt" 2>&1 || { echo BUILD FAILED; tail -40 "$L/build.txt"; exit 1; }
+python3 -c "import pybind11" 2>/dev/null || export PYTHONPATH=$PWD/.carry${PYTHONPATH:+:$PYTHONPATH}
+python3 -m pip install -q --no-build-isolation --no-deps -e . > "$L/build.txt" 2>&1 || { echo BUILD FAILED; tail -40 "$L/build.txt"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 for f in ${TESTS:-tests/test_*.py}; do
   timeout ${FILE_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider --tb=short ${PYTEST_ARGS:-} "$f" > "$L/$(basename $f .py).log" 2>&1
