@@ -18,7 +18,7 @@ from textgpt2 import ops, reference
 
 OUT_TOL = 2e-3   # ||out - ref|| / ||ref||
 LSE_TOL = 5e-3   # max |lse - ref| (lse is a log, so this is a relative error of sum exp)
-GRAD_TOL = 5e-3  # per part (dq, dk, dv): ||x - ref|| / max(||ref||, ||ref dqkv|| / 20)
+GRAD_TOL = 5e-3  # per part (dq, dk, dv): ||x - ref|| / ||ref|| (see _grad_errors for exact zeros)
 
 T_VALUES = (1, 7, 64, 65, 257, 1024)
 HEAD_DIMS = (32, 64, 128)
@@ -42,16 +42,17 @@ def _inputs(rng, B, T, H, d):
 
 
 def _grad_errors(dqkv, ref):
-    """Relative error of the dq, dk and dv thirds. At T = 1 the exact dq and dk are 0 (one key,
-    P = 1, dS = dP - D = 0), so each part is measured against at least 1/20 of the whole
-    gradient's norm."""
+    """Relative error of the dq, dk and dv thirds. A part whose exact value is 0 (dq and dk at
+    T = 1: one key, P = 1, dS = dP - D = 0) comes out of the kernel as the rounding noise of
+    dP (TF32) minus D (fp32), so it is measured against the whole gradient's norm instead."""
     C = ref.shape[-1] // 3
-    floor = np.linalg.norm(ref) / 20
+    whole = np.linalg.norm(ref)
     errs = []
     for i in range(3):
         x = np.asarray(dqkv[..., i * C:(i + 1) * C], np.float64)
         r = ref[..., i * C:(i + 1) * C]
-        errs.append(float(np.linalg.norm(x - r) / max(np.linalg.norm(r), floor)))
+        scale = np.linalg.norm(r) if np.linalg.norm(r) > 1e-6 * whole else whole
+        errs.append(float(np.linalg.norm(x - r) / scale))
     return errs
 
 

@@ -27,6 +27,11 @@ _math = "tf32"
 # cublasOperation_t values (cublas_api.h): fixed by the cuBLAS ABI. Kept here so the argument
 # mapping can be checked without loading libcublas.
 _OP_N, _OP_T = 0, 1
+# cublasMath_t and cublasComputeType_t values (cublas_api.h). CuPy's binding does not export
+# the TF32 ones (seen with cupy-cuda13x 14), so they are spelled out here too.
+_DEFAULT_MATH, _TF32_TENSOR_OP_MATH = 0, 3
+_COMPUTE_32F, _COMPUTE_32F_FAST_TF32 = 68, 77
+_GEMM_DEFAULT = -1
 _ONE = np.array(1.0, dtype=np.float32)   # alpha/beta live on the host (CUBLAS_POINTER_MODE_HOST,
 _ZERO = np.array(0.0, dtype=np.float32)  # CuPy's default), read when gemmEx is called
 
@@ -83,9 +88,9 @@ def _gemm(plan: _Plan, arrays: dict, out, beta, stream) -> None:
 
     dtype = runtime.CUDA_R_32F  # fp32 storage (bf16 later: CUDA_R_16BF, same compute type)
     if _math == "tf32":
-        mode, compute = cublas.CUBLAS_TF32_TENSOR_OP_MATH, cublas.CUBLAS_COMPUTE_32F_FAST_TF32
+        mode, compute = _TF32_TENSOR_OP_MATH, _COMPUTE_32F_FAST_TF32
     else:
-        mode, compute = cublas.CUBLAS_DEFAULT_MATH, cublas.CUBLAS_COMPUTE_32F
+        mode, compute = _DEFAULT_MATH, _COMPUTE_32F
     A, B = arrays[plan.a], arrays[plan.b]
     with (stream if stream is not None else cp.cuda.get_current_stream()):
         handle = cp.cuda.device.get_cublas_handle()
@@ -99,7 +104,7 @@ def _gemm(plan: _Plan, arrays: dict, out, beta, stream) -> None:
                           _ONE.ctypes.data, A.data.ptr, dtype, plan.lda,
                           B.data.ptr, dtype, plan.ldb,
                           beta.ctypes.data, out.data.ptr, dtype, plan.ldc,
-                          compute, cublas.CUBLAS_GEMM_DEFAULT)
+                          compute, _GEMM_DEFAULT)
         finally:
             cublas.setMathMode(handle, previous)
 
