@@ -17,7 +17,8 @@ for f in ${TESTS:-tests/test_*.py}; do
   timeout ${FILE_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider --tb=short ${PYTEST_ARGS:-} "$f" > "$L/$(basename $f .py).log" 2>&1
   echo "$(basename $f): rc=$? $(tail -1 "$L/$(basename $f .py).log")"
 done
-for b in ${BENCH:-}; do
-  timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/$b.py --json "$L/$b.json" > "$L/$b.txt" 2>&1
+for spec in ${BENCH:-}; do   # name or name:--flag,--flag
+  b=${spec%%:*}; args=""; [ "$spec" != "$b" ] && args=$(echo "${spec#*:}" | tr ',' ' ')
+  timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/$b.py $args --json "$L/$b.json" > "$L/$b.txt" 2>&1
   echo "== $b rc=$?"; cat "$L/$b.txt" | tail -30
 done
