@@ -10,8 +10,9 @@ as the column-major C^T = B @ A^T, with no copy of any operand; `_plan` below sp
 cases. Math: TF32 tensor cores by default (fp32 storage and accumulation, inputs rounded to a
 10-bit mantissa, about 1e-3 relative error), or strict fp32 after set_math("fp32").
 
-Every call runs on the current CuPy stream (or `stream`, made current for the call), sets the
-handle's math mode for the call and restores it after, so CuPy's own matmuls are unaffected.
+Every call runs on the current CuPy stream (or `stream`) through textgpt2's own cuBLAS handle
+(see _Cublas), so CuPy's handle and its matmuls are unaffected, and calls can be captured into a
+CUDA graph.
 """
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ _math = "tf32"
 # cublasOperation_t values (cublas_api.h): fixed by the cuBLAS ABI. Kept here so the argument
 # mapping can be checked without loading libcublas.
 _OP_N, _OP_T = 0, 1
-# cublasMath_t and cublasComputeType_t values (cublas_api.h). CuPy's binding does not export
-# the TF32 ones (seen with cupy-cuda13x 14), so they are spelled out here too.
-_DEFAULT_MATH, _TF32_TENSOR_OP_MATH = 0, 3
+# cublasComputeType_t, cudaDataType and cublasGemmAlgo_t values (cublas_api.h, library_types.h).
+# The compute type alone selects TF32 or strict fp32, whatever the handle's math mode.
 _COMPUTE_32F, _COMPUTE_32F_FAST_TF32 = 68, 77
+_CUDA_R_32F = 0
 _GEMM_DEFAULT = -1
 _ONE = np.array(1.0, dtype=np.float32)   # alpha/beta live on the host (CUBLAS_POINTER_MODE_HOST,
 _ZERO = np.array(0.0, dtype=np.float32)  # CuPy's default), read when gemmEx is called
@@ -75,38 +76,84 @@ def _plan(kind: str, N: int, C: int, OC: int) -> _Plan:
     raise ValueError(f"unknown product {kind!r}")
 
 
-def _cublas():
-    # Imported on first use: loading it needs libcublas (and a GPU to do anything useful).
-    from cupy_backends.cuda.libs import cublas
-    return cublas
+class _Cublas:
+    """Our own cuBLAS handle, called through ctypes.
+
+    Why not CuPy's binding: it refuses every cuBLAS call while a stream is being captured into a
+    CUDA graph ("calling cuBLAS API during stream capture is currently unsupported", CuPy 14),
+    and the training step is captured. cuBLAS itself supports capture when the handle has a
+    fixed workspace (cublasSetWorkspace), which this handle gets. The library is the one CuPy
+    already loaded, found by its soname."""
+
+    WORKSPACE_BYTES = 32 * 1024 * 1024
+
+    def __init__(self):
+        import ctypes
+
+        cp = ops._cp()
+        from cupy_backends.cuda.libs import cublas as _cupy_cublas  # noqa: F401 (loads libcublas)
+
+        lib = None
+        for name in ("libcublas.so.13", "libcublas.so.12", "libcublas.so"):
+            try:
+                lib = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        if lib is None:
+            raise RuntimeError("gemm: libcublas could not be loaded (tried libcublas.so.13, "
+                               ".so.12, .so); install the CUDA toolkit or the nvidia-cublas wheel")
+        vp, i32, u64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+        lib.cublasCreate_v2.argtypes = [ctypes.POINTER(vp)]
+        lib.cublasSetStream_v2.argtypes = [vp, vp]
+        lib.cublasSetWorkspace_v2.argtypes = [vp, vp, u64]
+        lib.cublasGemmEx.argtypes = [vp, i32, i32, i32, i32, i32, vp, vp, i32, i32, vp, i32, i32,
+                                     vp, vp, i32, i32, i32, i32]
+        for f in (lib.cublasCreate_v2, lib.cublasSetStream_v2, lib.cublasSetWorkspace_v2,
+                  lib.cublasGemmEx):
+            f.restype = i32
+        self.lib = lib
+        self.handle = vp()
+        self._check("cublasCreate", lib.cublasCreate_v2(ctypes.byref(self.handle)))
+        self.device = cp.cuda.Device().id
+        self.workspace = cp.empty(self.WORKSPACE_BYTES, dtype=cp.uint8)
+        self.stream = None
+
+    def _check(self, what, status):
+        if status != 0:
+            raise RuntimeError(f"gemm: {what} failed with cuBLAS status {status}")
+
+    def bind(self, stream_ptr):
+        # cublasSetStream resets the workspace to cuBLAS's own pool, so set ours again after it.
+        if stream_ptr != self.stream:
+            self._check("cublasSetStream", self.lib.cublasSetStream_v2(self.handle, stream_ptr))
+            self._check("cublasSetWorkspace", self.lib.cublasSetWorkspace_v2(
+                self.handle, self.workspace.data.ptr, self.WORKSPACE_BYTES))
+            self.stream = stream_ptr
+
+
+_handles: dict = {}
+
+
+def _cublas() -> _Cublas:
+    cp = ops._cp()
+    dev = cp.cuda.Device().id
+    if dev not in _handles:
+        _handles[dev] = _Cublas()
+    return _handles[dev]
 
 
 def _gemm(plan: _Plan, arrays: dict, out, beta, stream) -> None:
     cp = ops._cp()
-    cublas = _cublas()
-    from cupy_backends.cuda.api import runtime
-
-    dtype = runtime.CUDA_R_32F  # fp32 storage (bf16 later: CUDA_R_16BF, same compute type)
-    if _math == "tf32":
-        mode, compute = _TF32_TENSOR_OP_MATH, _COMPUTE_32F_FAST_TF32
-    else:
-        mode, compute = _DEFAULT_MATH, _COMPUTE_32F
+    blas = _cublas()
+    dtype = _CUDA_R_32F  # fp32 storage (bf16 later: CUDA_R_16BF, same compute type)
+    compute = _COMPUTE_32F_FAST_TF32 if _math == "tf32" else _COMPUTE_32F
     A, B = arrays[plan.a], arrays[plan.b]
-    with (stream if stream is not None else cp.cuda.get_current_stream()):
-        handle = cp.cuda.device.get_cublas_handle()
-        previous = cublas.getMathMode(handle)
-        cublas.setMathMode(handle, mode)
-        try:
-            # gemmEx also binds the handle to the current stream; doing it here too keeps the
-            # stream explicit.
-            cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
-            cublas.gemmEx(handle, plan.transa, plan.transb, plan.m, plan.n, plan.k,
-                          _ONE.ctypes.data, A.data.ptr, dtype, plan.lda,
-                          B.data.ptr, dtype, plan.ldb,
-                          beta.ctypes.data, out.data.ptr, dtype, plan.ldc,
-                          compute, _GEMM_DEFAULT)
-        finally:
-            cublas.setMathMode(handle, previous)
+    blas.bind((stream if stream is not None else cp.cuda.get_current_stream()).ptr)
+    blas._check("cublasGemmEx", blas.lib.cublasGemmEx(
+        blas.handle, plan.transa, plan.transb, plan.m, plan.n, plan.k,
+        _ONE.ctypes.data, A.data.ptr, dtype, plan.lda, B.data.ptr, dtype, plan.ldb,
+        beta.ctypes.data, out.data.ptr, dtype, plan.ldc, compute, _GEMM_DEFAULT))
 
 
 def _weight(op, w):
