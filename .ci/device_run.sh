@@ -17,6 +17,14 @@ for f in ${TESTS:-tests/test_*.py}; do
   timeout ${FILE_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider --tb=short ${PYTEST_ARGS:-} "$f" > "$L/$(basename $f .py).log" 2>&1
   echo "$(basename $f): rc=$? $(tail -1 "$L/$(basename $f .py).log")"
 done
+for tool in ${SANITIZE:-}; do  # compute-sanitizer over the small GPU op tests, file by file
+  for f in ${SAN_TESTS:-}; do
+    log="$L/san_${tool}_$(basename $f .py).log"
+    timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
+      python3 -m pytest -q -p no:cacheprovider -x -m "gpu and not big" "$f" > "$log" 2>&1
+    echo "sanitizer $tool $(basename $f): rc=$? $(grep -E 'ERROR SUMMARY|passed|failed' "$log" | tail -2 | tr '\n' ' ')"
+  done
+done
 for spec in ${BENCH:-}; do   # name or name:--flag,--flag
   b=${spec%%:*}; args=""; [ "$spec" != "$b" ] && args=$(echo "${spec#*:}" | tr ',' ' ')
   timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/$b.py $args --json "$L/$b.json" > "$L/$b.txt" 2>&1
