@@ -267,6 +267,17 @@ def main():
             ops.attention_backward(dout, qkv, out, lse, H, dqkv=dqkv)
         ms = timer(att_fb)
         record("attention fwd+bwd", ms, flops=3.5 * flops, torch_ms=tms_fb, note="torch: SDPA fp32")
+        def att_fb_drop():
+            ops.attention_forward(qkv, H, out=out, lse=lse, dropout_p=0.1, seed=1, offset=2)
+            ops.attention_backward(dout, qkv, out, lse, H, dqkv=dqkv, dropout_p=0.1, seed=1, offset=2)
+        ms = timer(att_fb_drop)
+        tms = None
+        if torch:
+            def torch_att_fb_drop():
+                F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, dropout_p=0.1).backward(tdo)
+            tms = timer(torch_att_fb_drop)
+        record("attention fwd+bwd dropout 0.1", ms, flops=3.5 * flops, torch_ms=tms,
+               note="torch: SDPA fp32 dropout")
         del qkv, dqkv
 
     if want("adamw"):

@@ -63,6 +63,40 @@
 //     one float4 of B (chunk 8q + g) serves four n-tiles, and a lane's accumulators for rows g and
 //     g+8 hold dims 32q + 8t .. 32q + 8t + 7: two float4 stores per row.
 //
+// Dropout on the probabilities (GPT-2 / nanoGPT attention dropout), p > 0 only:
+//   O_i = sum_j M_ij r P_ij v_j,   M_ij in {0, 1} the keep mask, r = 1 / (1 - p)
+// with P, L (lse) those of the undropped scores above: the softmax normalisation (row max, row
+// sum, lse) never sees the mask, only the P V product does. Backward, with Pd = M o P r:
+//   dv_j  = sum_i Pd_ij dO_i
+//   dP_ij = dL/dP_ij = M_ij r (dO_i . v_j)          (dO_i . v_j is "dP dropped", one MMA as before)
+//   dS_ij = P_ij (dP_ij - D_i),  D_i = sum_k P_ik dP_ik = dO_i . sum_k M_ik r P_ik v_k = dO_i . O_i
+// so D_i = dO_i . o_i still holds, with o the dropped output the forward wrote, and kernel 1 is
+// unchanged. The factor r is applied once at the end to o and to dv, and inside dS as
+// M (dO.v) r; a dropped entry contributes P (0 - D) to dS (it still moved the softmax).
+//
+// The mask is not stored: every kernel regenerates it from Philox-4x32-10 (philox.cuh, the
+// same generator and counter layout as dropout.cu and reference.dropout_mask) keyed by
+// (seed, offset) with the element index
+//   idx = ((b H + h) T + i) T + j          (i query, j key; all T x T entries, masked ones too)
+// i.e. the mask is reference.dropout_mask(seed, offset, B*H*T*T, p) reshaped to (B, H, T, T).
+// Keep function: the 4-wide one, philox_dropout_keep4(group = idx >> 2), element idx uses bit
+// idx & 3. Groups follow idx, not rows: when T % 4 != 0 a group straddles rows i and i + 1, so
+// a tile row [idx0, idx0 + n) spans n/4 groups plus one more when idx0 % 4 != 0; the helpers
+// below compute the groups of a tile row as a whole and shift by idx0 & 3, so every element
+// reads the word its own index names. One Philox call (~60 integer instructions) per 4
+// elements is the floor this mask layout allows; the helpers reach it (plus the straddling
+// group when T % 4 != 0) by splitting a tile row's groups over the lanes that hold it and
+// OR-ing the keep bits together with shuffles:
+//   forward, dq (rows = queries, a quad holds a row): quad_keep_rows, BC/16 calls per lane and
+//     row (+1 on two lanes for straddling groups), 2 + 2 shuffles per row (64-bit for BC = 64);
+//   dk/dv (rows = keys: 16 keys per warp x 8 queries per n-tile, consecutive idx runs down a
+//     column): warp_keep_cols, one call per lane per n-tile (+1 on 8 lanes), 4 shuffles.
+// In the backward kernels the keep bit is folded into the sign of the recomputed P (P >= 0;
+// dropped entries are stored as -P), so no mask registers stay live across the dP MMA:
+// dV takes max(s, 0), and dS = s (dPd r - D) for a stored s >= 0 (kept), s D for s < 0
+// (dropped: P (0 - D) = -P D).
+// p == 0 selects the DROP = false instantiations, which contain none of this code.
+//
 // bf16 storage: the same tiling with the m16n8k16 bf16 MMA and 8-element chunks; the kernels are
 // templated on the storage type for that and only the float instantiation exists now.
 
@@ -73,6 +107,7 @@
 
 #include "common.cuh"
 #include "launchers.h"
+#include "philox.cuh"
 
 namespace {
 
@@ -164,6 +199,95 @@ __device__ __forceinline__ float f4get(const float4& v, int r) {
     return r == 0 ? v.x : r == 1 ? v.y : r == 2 ? v.z : v.w;  // r is a compile-time constant
 }
 
+// ---- dropout masks (see the opening comment) -------------------------------------------------
+
+// What the DROP = true kernels need; built once per launch on the host from p.
+struct DropArgs {
+    uint64_t seed, offset;
+    uint32_t threshold;  // keep <=> Philox word >= threshold (dropout_threshold(p))
+    float scale;         // 1 / (1 - p) as float (dropout_scale(p))
+};
+
+template <int BC>
+using KeepBits = typename std::conditional<(BC > 32), unsigned long long, uint32_t>::type;
+
+__device__ __forceinline__ uint32_t keep4(const DropArgs& dr, unsigned long long group) {
+    return philox_dropout_keep4(dr.seed, dr.offset, group, dr.threshold);
+}
+
+// Keep bits of two rows of BC consecutive elements, ia .. ia + BC - 1 (-> ka) and ib .. (-> kb),
+// for the 4 lanes t of a quad, which must all call it with the same ia, ib. Bit k of the result
+// (before the per-lane shift) is element ia + k; lane t gets it shifted right by 2t so that its
+// own columns 8j + 2t + e sit at the compile-time bits 8j + e. Work split: the BC/4 whole
+// groups from ia >> 2 go round-robin over the quad (BC/16 per lane and row), the group that
+// straddles the row end (only when ia % 4 != 0, i.e. T % 4 != 0) goes to lane 0 (row A) or
+// lane 1 (row B), so no lane makes more than BC/8 + 1 calls.
+template <int BC>
+__device__ __forceinline__ void quad_keep_rows(const DropArgs& dr, unsigned long long ia,
+                                               unsigned long long ib, int t, KeepBits<BC>& ka,
+                                               KeepBits<BC>& kb) {
+    static_assert(BC % 16 == 0 && BC <= 64, "whole rounds of 4 groups, at most 64 bits");
+    using M = KeepBits<BC>;
+    constexpr int NG = BC / 4;
+    const unsigned long long ga = ia >> 2, gb = ib >> 2;
+    const int sa = static_cast<int>(ia & 3), sb = static_cast<int>(ib & 3);
+    M a = 0, b = 0;
+#pragma unroll
+    for (int u = 0; u < NG / 4; ++u) {
+        const int m = 4 * u + t;
+        // group m holds elements 4m - s .. 4m - s + 3 of the row; bits below 0 precede the row
+        a |= (static_cast<M>(keep4(dr, ga + m)) << (4 * m)) >> sa;
+        b |= (static_cast<M>(keep4(dr, gb + m)) << (4 * m)) >> sb;
+    }
+    const int s = t == 0 ? sa : sb;
+    if (t < 2 && s != 0) {  // group NG: elements BC - s .. (bits >= BC are never read)
+        const M n = static_cast<M>(keep4(dr, (t == 0 ? ga : gb) + NG)) << (BC - s);
+        if (t == 0) a |= n;
+        else b |= n;
+    }
+    a |= __shfl_xor_sync(0xffffffffu, a, 1);
+    a |= __shfl_xor_sync(0xffffffffu, a, 2);
+    b |= __shfl_xor_sync(0xffffffffu, b, 1);
+    b |= __shfl_xor_sync(0xffffffffu, b, 2);
+    ka = a >> (2 * t);
+    kb = b >> (2 * t);
+}
+
+// Keep bits of a transposed tile (dk/dv kernel): the warp's 16 keys kw0 .. kw0 + 15 (lane
+// (g, t) holds keys g and g + 8) against 8 consecutive queries (lane (g, t) holds columns 2t
+// and 2t + 1). cbase is the index of element (query of column lane & 7, key kw0); a column's
+// 16 keys are consecutive indices, 4 groups plus a straddling one when cbase % 4 != 0. Lane
+// (c + 8m) computes group m of column c (lanes 0..7 also the straddling group), two xor
+// shuffles OR the column's nibbles together, two more bring columns 2t, 2t + 1 to lane (g, t).
+// Returned bits (lane (g, t)): 0 = (key g, column 2t), 8 = (key g+8, column 2t),
+// 16 = (key g, column 2t+1), 24 = (key g+8, column 2t+1).
+__device__ __forceinline__ uint32_t warp_keep_cols(const DropArgs& dr, unsigned long long cbase,
+                                                   int lane, int g, int t) {
+    const int m = lane >> 3;
+    const unsigned long long g0 = cbase >> 2;
+    const int sh = static_cast<int>(cbase & 3);
+    uint32_t v = (keep4(dr, g0 + m) << (4 * m)) >> sh;
+    if (m == 0 && sh != 0) v |= keep4(dr, g0 + 4) << (16 - sh);
+    v &= 0xffffu;
+    v |= __shfl_xor_sync(0xffffffffu, v, 8);
+    v |= __shfl_xor_sync(0xffffffffu, v, 16);  // every lane: column lane & 7
+    const uint32_t u = __shfl_xor_sync(0xffffffffu, v, 1);
+    const uint32_t w = (lane & 1) ? (u | (v << 16)) : (v | (u << 16));  // columns 2k | 2k+1
+    return __shfl_sync(0xffffffffu, w, 2 * t) >> g;
+}
+__device__ __forceinline__ float drop_sign(float x, bool keep) { return keep ? x : -x; }
+// The backward's two uses of a recomputed probability s (sign-encoded when DROP): the dV
+// operand M o P, and dS from dPd = dO . v. DROP = false gives back the plain expressions.
+template <bool DROP> __device__ __forceinline__ float dv_operand(float s) {
+    if constexpr (DROP) return fmaxf(s, 0.f);
+    else return s;
+}
+template <bool DROP>
+__device__ __forceinline__ float ds_value(float s, float dpd, float Drow, float r) {
+    if constexpr (DROP) return s * (s >= 0.f ? fmaf(dpd, r, -Drow) : Drow);
+    else return s * (dpd - Drow);
+}
+
 // ---- tiles: global -> shared (cp.async), then rounded to TF32 by the thread that copied ------
 
 // Rows [row0, row0 + ROWS) of a row-major matrix (row stride ld floats, D floats used per row)
@@ -221,10 +345,11 @@ template <int D, int BC> struct FwdCfg {
     static constexpr int min_blocks = D == 32 ? 3 : 2;
 };
 
-template <typename scalar_t, int D, int BC>
+template <typename scalar_t, int D, int BC, bool DROP>
 __global__ void __launch_bounds__(kThreads, (FwdCfg<D, BC>::min_blocks))
     attention_forward_kernel(scalar_t* __restrict__ out, float* __restrict__ lse,
-                             const scalar_t* __restrict__ qkv, int T, int H, float c) {
+                             const scalar_t* __restrict__ qkv, int T, int H, float c,
+                             DropArgs dr) {
     static_assert(std::is_same<scalar_t, float>::value, "only the fp32 (TF32 MMA) path exists");
     constexpr int BR = kRows, KS = D / 8, NJ = BC / 8, NQ = D / 32;
     extern __shared__ __align__(16) float smem[];
@@ -291,6 +416,13 @@ __global__ void __launch_bounds__(kThreads, (FwdCfg<D, BC>::min_blocks))
 
         const int k0 = kt * BC;
         if (warp_active && k0 <= wq0 + 15) {  // warp-uniform: some key of the tile is visible
+            // keep bits first: integer work the scheduler can overlap with the S MMAs
+            KeepBits<BC> ka, kb;  // (no code at all in the DROP = false kernel)
+            if constexpr (DROP) {
+                // element index of (row r0, key k0); row r1 = r0 + 8 is 8T further
+                const unsigned long long ia = (static_cast<unsigned long long>(bh) * T + r0) * T + k0;
+                quad_keep_rows<BC>(dr, ia, ia + 8ull * T, t, ka, kb);
+            }
             float s[NJ][4];
 #pragma unroll
             for (int j = 0; j < NJ; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
@@ -348,11 +480,18 @@ __global__ void __launch_bounds__(kThreads, (FwdCfg<D, BC>::min_blocks))
                 o[n][2] *= corr1;
                 o[n][3] *= corr1;
             }
-            // o += P V: A = P (k = key 8j + 2t, 8j + 2t + 1), B[k][n] = V[key][dim] (pattern B)
+            // o += P V: A = P (k = key 8j + 2t, 8j + 2t + 1), B[k][n] = V[key][dim] (pattern B);
+            // with dropout A = M o P (the row sums above stay undropped, r comes at the end)
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
-                const uint32_t a[4] = {tf32_bits(s[j][0]), tf32_bits(s[j][2]), tf32_bits(s[j][1]),
-                                       tf32_bits(s[j][3])};
+                uint32_t a[4] = {tf32_bits(s[j][0]), tf32_bits(s[j][2]), tf32_bits(s[j][1]),
+                                 tf32_bits(s[j][3])};
+                if constexpr (DROP) {
+                    if (!((ka >> (8 * j)) & 1)) a[0] = 0u;
+                    if (!((kb >> (8 * j)) & 1)) a[1] = 0u;
+                    if (!((ka >> (8 * j + 1)) & 1)) a[2] = 0u;
+                    if (!((kb >> (8 * j + 1)) & 1)) a[3] = 0u;
+                }
 #pragma unroll
                 for (int q = 0; q < NQ; ++q) {
                     const float4 v0 = lds4(Vs + 8 * j * D + 32 * q + ob0);
@@ -369,7 +508,11 @@ __global__ void __launch_bounds__(kThreads, (FwdCfg<D, BC>::min_blocks))
     if (!warp_active) return;
     l0 = quad_sum(l0);
     l1 = quad_sum(l1);
-    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+    float inv0 = 1.f / l0, inv1 = 1.f / l1;
+    if constexpr (DROP) {  // out = r (M o P) V
+        inv0 *= dr.scale;
+        inv1 *= dr.scale;
+    }
     float* obase = out + static_cast<long long>(b) * T * C + h * D;
 #pragma unroll
     for (int q = 0; q < NQ; ++q) {
@@ -441,12 +584,12 @@ template <int D, int BRQ> struct DkdvCfg {
     static constexpr int min_blocks = D == 32 ? 3 : 2;
 };
 
-template <typename scalar_t, int D, int BRQ>
+template <typename scalar_t, int D, int BRQ, bool DROP>
 __global__ void __launch_bounds__(kThreads, (DkdvCfg<D, BRQ>::min_blocks))
     attention_backward_dkdv_kernel(scalar_t* __restrict__ dqkv, const scalar_t* __restrict__ qkv,
                                    const scalar_t* __restrict__ dout,
                                    const float* __restrict__ lse, const float* __restrict__ Dvec,
-                                   int T, int H, float c, float scale) {
+                                   int T, int H, float c, float scale, DropArgs dr) {
     static_assert(std::is_same<scalar_t, float>::value, "only the fp32 (TF32 MMA) path exists");
     using Cfg = DkdvCfg<D, BRQ>;
     constexpr int BC = kRows, KS = D / 8, NJ = BRQ / 8, NQ = D / 32;
@@ -553,12 +696,24 @@ __global__ void __launch_bounds__(kThreads, (DkdvCfg<D, BRQ>::min_blocks))
                     if (key1 > qa) s[j][2] = 0.f;
                     if (key1 > qa + 1) s[j][3] = 0.f;
                 }
+                if constexpr (DROP) {  // dropped entries become -P (the sign carries the mask)
+                    // element index of (query q0 + 8j + (lane & 7), key kw0)
+                    const unsigned long long cbase =
+                        (static_cast<unsigned long long>(bh) * T + q0 + 8 * j + (lane & 7)) * T + kw0;
+                    const uint32_t kbits = warp_keep_cols(dr, cbase, lane, g, t);
+                    s[j][0] = drop_sign(s[j][0], kbits & 1u);
+                    s[j][1] = drop_sign(s[j][1], (kbits >> 16) & 1u);
+                    s[j][2] = drop_sign(s[j][2], (kbits >> 8) & 1u);
+                    s[j][3] = drop_sign(s[j][3], (kbits >> 24) & 1u);
+                }
             }
-            // dV += P^T dO: A = P^T (k = query 8j + 2t, 8j + 2t + 1), B[k][n] = dO[query][dim]
+            // dV += P^T dO: A = P^T (k = query 8j + 2t, 8j + 2t + 1), B[k][n] = dO[query][dim];
+            // with dropout A = (M o P)^T = max(s, 0), r comes at the end
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
-                const uint32_t a[4] = {tf32_bits(s[j][0]), tf32_bits(s[j][2]), tf32_bits(s[j][1]),
-                                       tf32_bits(s[j][3])};
+                const uint32_t a[4] = {
+                    tf32_bits(dv_operand<DROP>(s[j][0])), tf32_bits(dv_operand<DROP>(s[j][2])),
+                    tf32_bits(dv_operand<DROP>(s[j][1])), tf32_bits(dv_operand<DROP>(s[j][3]))};
 #pragma unroll
                 for (int q = 0; q < NQ; ++q) {
                     const float4 d0 = lds4(dOs + 8 * j * D + 32 * q + ob0);
@@ -585,15 +740,16 @@ __global__ void __launch_bounds__(kThreads, (DkdvCfg<D, BRQ>::min_blocks))
                     mma_tf32(dp[j], a1, bits(dd.z), bits(dd.w));
                 }
             }
-            // dS^T = P^T (dP^T - D[query])
+            // dS^T = P^T (dP^T - D[query]); with dropout dP = M r (dO.v): kept (s >= 0)
+            // s (dPd r - D), dropped (s = -P) P (0 - D) = s D
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
                 const int qi = 8 * j + 2 * t;
                 const float Da = Ds[qi], Db = Ds[qi + 1];
-                dp[j][0] = s[j][0] * (dp[j][0] - Da);
-                dp[j][1] = s[j][1] * (dp[j][1] - Db);
-                dp[j][2] = s[j][2] * (dp[j][2] - Da);
-                dp[j][3] = s[j][3] * (dp[j][3] - Db);
+                dp[j][0] = ds_value<DROP>(s[j][0], dp[j][0], Da, dr.scale);
+                dp[j][1] = ds_value<DROP>(s[j][1], dp[j][1], Db, dr.scale);
+                dp[j][2] = ds_value<DROP>(s[j][2], dp[j][2], Da, dr.scale);
+                dp[j][3] = ds_value<DROP>(s[j][3], dp[j][3], Db, dr.scale);
             }
             // dK += dS^T Q: A = dS^T, B[k][n] = Q[query][dim] (pattern B)
 #pragma unroll
@@ -613,7 +769,16 @@ __global__ void __launch_bounds__(kThreads, (DkdvCfg<D, BRQ>::min_blocks))
         __syncthreads();  // the next iteration's loads overwrite this stage
     }
 
-    // rows kw0 + g and kw0 + g + 8; dk picks up the score scale s here
+    // rows kw0 + g and kw0 + g + 8; dk picks up the score scale s here, dv the dropout r
+    if constexpr (DROP) {
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            dv[n][0] *= dr.scale;
+            dv[n][1] *= dr.scale;
+            dv[n][2] *= dr.scale;
+            dv[n][3] *= dr.scale;
+        }
+    }
     float* dkbase = dqkv + static_cast<long long>(b) * T * ld + C + h * D;
     float* dvbase = dkbase + C;
     const int key0 = kw0 + g, key1 = key0 + 8;
@@ -653,12 +818,12 @@ template <int D, int BC> struct DqCfg {
     static constexpr int min_blocks = D == 32 ? 3 : 2;
 };
 
-template <typename scalar_t, int D, int BC>
+template <typename scalar_t, int D, int BC, bool DROP>
 __global__ void __launch_bounds__(kThreads, (DqCfg<D, BC>::min_blocks))
     attention_backward_dq_kernel(scalar_t* __restrict__ dqkv, const scalar_t* __restrict__ qkv,
                                  const scalar_t* __restrict__ dout, const float* __restrict__ lse,
                                  const float* __restrict__ Dvec, int T, int H, float c,
-                                 float scale) {
+                                 float scale, DropArgs dr) {
     static_assert(std::is_same<scalar_t, float>::value, "only the fp32 (TF32 MMA) path exists");
     using Cfg = DqCfg<D, BC>;
     constexpr int BR = kRows, KS = D / 8, NJ = BC / 8, NQ = D / 32;
@@ -722,6 +887,12 @@ __global__ void __launch_bounds__(kThreads, (DqCfg<D, BC>::min_blocks))
 
         const int k0 = kt * BC;
         if (warp_active && k0 <= wq0 + 15) {  // warp-uniform
+            KeepBits<BC> ka, kb;  // (no code at all in the DROP = false kernels)
+            if constexpr (DROP) {
+                // element index of (row r0, key k0); row r1 = r0 + 8 is 8T further
+                const unsigned long long ia = (static_cast<unsigned long long>(bh) * T + r0) * T + k0;
+                quad_keep_rows<BC>(dr, ia, ia + 8ull * T, t, ka, kb);
+            }
             // S = Q K^T (A = Q from shared, pattern A on both operands)
             float s[NJ][4];
 #pragma unroll
@@ -755,6 +926,12 @@ __global__ void __launch_bounds__(kThreads, (DqCfg<D, BC>::min_blocks))
                     if (key > r1) s[j][2] = 0.f;
                     if (key + 1 > r1) s[j][3] = 0.f;
                 }
+                if constexpr (DROP) {  // dropped entries become -P (the sign carries the mask)
+                    s[j][0] = drop_sign(s[j][0], (ka >> (8 * j)) & 1);
+                    s[j][1] = drop_sign(s[j][1], (ka >> (8 * j + 1)) & 1);
+                    s[j][2] = drop_sign(s[j][2], (kb >> (8 * j)) & 1);
+                    s[j][3] = drop_sign(s[j][3], (kb >> (8 * j + 1)) & 1);
+                }
             }
             // dP = dO V^T
             float dp[NJ][4];
@@ -773,14 +950,15 @@ __global__ void __launch_bounds__(kThreads, (DqCfg<D, BC>::min_blocks))
                     mma_tf32(dp[j], a1, bits(vv.z), bits(vv.w));
                 }
             }
-            // dS = P (dP - D[row])
+            // dS = P (dP - D[row]); with dropout as in the dk/dv kernel: s (dPd r - D) where
+            // kept (s >= 0), s D where dropped (s = -P)
             const float Da = Ds[qr], Db = Ds[qr + 8];
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
-                dp[j][0] = s[j][0] * (dp[j][0] - Da);
-                dp[j][1] = s[j][1] * (dp[j][1] - Da);
-                dp[j][2] = s[j][2] * (dp[j][2] - Db);
-                dp[j][3] = s[j][3] * (dp[j][3] - Db);
+                dp[j][0] = ds_value<DROP>(s[j][0], dp[j][0], Da, dr.scale);
+                dp[j][1] = ds_value<DROP>(s[j][1], dp[j][1], Da, dr.scale);
+                dp[j][2] = ds_value<DROP>(s[j][2], dp[j][2], Db, dr.scale);
+                dp[j][3] = ds_value<DROP>(s[j][3], dp[j][3], Db, dr.scale);
             }
             // dQ += dS K: A = dS (k = key 8j + 2t, 8j + 2t + 1), B[k][n] = K[key][dim] (pattern B)
 #pragma unroll
@@ -863,22 +1041,39 @@ void check_sizes(const char* op, int B, int T, int C, int H) {
 template <int D> constexpr int fwd_bc() { return D == 128 ? 32 : 64; }
 template <int D> constexpr int bwd_tile() { return D == 128 ? 16 : 64; }
 
-template <typename scalar_t, int D>
+// p must already be checked (0 <= p < 1); p == 0 runs the DROP = false kernels.
+DropArgs drop_args(float p, uint64_t seed, uint64_t offset) {
+    DropArgs dr;
+    dr.seed = seed;
+    dr.offset = offset;
+    dr.threshold = p > 0.0f ? dropout_threshold(p) : 0u;
+    dr.scale = p > 0.0f ? dropout_scale(p) : 1.0f;
+    return dr;
+}
+
+void check_dropout(const char* op, float p) {
+    if (!(p >= 0.0f && p < 1.0f))  // ops.py rejects these; never let a bad threshold through
+        throw std::invalid_argument(std::string(op) + ": dropout_p must satisfy 0 <= p < 1, got " +
+                                    std::to_string(p));
+}
+
+template <typename scalar_t, int D, bool DROP>
 void forward_impl(uintptr_t out, uintptr_t lse, uintptr_t qkv, int B, int T, int H,
-                  cudaStream_t stream) {
+                  const DropArgs& dr, cudaStream_t stream) {
     constexpr int BC = fwd_bc<D>();
-    auto kernel = attention_forward_kernel<scalar_t, D, BC>;
+    auto kernel = attention_forward_kernel<scalar_t, D, BC, DROP>;
     const int smem = FwdCfg<D, BC>::smem_floats * static_cast<int>(sizeof(float));
     set_smem("attention_forward", kernel, smem);
     const float c = kLog2e / sqrtf(static_cast<float>(D));
     dim3 grid(B * H, ceil_div(T, kRows));
     kernel<<<grid, kThreads, smem, stream>>>(as_ptr<scalar_t>(out), as_ptr<float>(lse),
-                                             as_ptr<const scalar_t>(qkv), T, H, c);
+                                             as_ptr<const scalar_t>(qkv), T, H, c, dr);
 }
 
-template <typename scalar_t, int D>
+template <typename scalar_t, int D, bool DROP>
 void backward_impl(uintptr_t dqkv, uintptr_t scratch, uintptr_t dout, uintptr_t qkv,
-                   uintptr_t out, uintptr_t lse, int B, int T, int H, cudaStream_t stream) {
+                   uintptr_t out, uintptr_t lse, int B, int T, int H, const DropArgs& dr,
+                   cudaStream_t stream) {
     const char* op = "attention_backward";
     constexpr int BT = bwd_tile<D>();
     const float scale = 1.0f / sqrtf(static_cast<float>(D));
@@ -890,33 +1085,48 @@ void backward_impl(uintptr_t dqkv, uintptr_t scratch, uintptr_t dout, uintptr_t 
         Dvec, as_ptr<const scalar_t>(dout), as_ptr<const scalar_t>(out), rows, T, H);
     check_launch(op);
 
-    auto dkdv = attention_backward_dkdv_kernel<scalar_t, D, BT>;
+    auto dkdv = attention_backward_dkdv_kernel<scalar_t, D, BT, DROP>;
     const int smem_kv = DkdvCfg<D, BT>::smem_floats * static_cast<int>(sizeof(float));
     set_smem(op, dkdv, smem_kv);
     dkdv<<<dim3(B * H, ceil_div(T, kRows)), kThreads, smem_kv, stream>>>(
         as_ptr<scalar_t>(dqkv), as_ptr<const scalar_t>(qkv), as_ptr<const scalar_t>(dout),
-        as_ptr<const float>(lse), Dvec, T, H, c, scale);
+        as_ptr<const float>(lse), Dvec, T, H, c, scale, dr);
     check_launch(op);
 
-    auto dq = attention_backward_dq_kernel<scalar_t, D, BT>;
+    auto dq = attention_backward_dq_kernel<scalar_t, D, BT, DROP>;
     const int smem_q = DqCfg<D, BT>::smem_floats * static_cast<int>(sizeof(float));
     set_smem(op, dq, smem_q);
     dq<<<dim3(B * H, ceil_div(T, kRows)), kThreads, smem_q, stream>>>(
         as_ptr<scalar_t>(dqkv), as_ptr<const scalar_t>(qkv), as_ptr<const scalar_t>(dout),
-        as_ptr<const float>(lse), Dvec, T, H, c, scale);
+        as_ptr<const float>(lse), Dvec, T, H, c, scale, dr);
+}
+
+// Runs f(std::integral_constant<int, d>, std::integral_constant<bool, drop>) for the head
+// dimension d in {32, 64, 128} (checked) and drop = p > 0.
+template <typename F> void dispatch_d_drop(int d, bool drop, F&& f) {
+    auto with_d = [&](auto dc) {
+        if (drop) f(dc, std::true_type{});
+        else f(dc, std::false_type{});
+    };
+    if (d == 32) with_d(std::integral_constant<int, 32>{});
+    else if (d == 64) with_d(std::integral_constant<int, 64>{});
+    else with_d(std::integral_constant<int, 128>{});
 }
 
 }  // namespace
 
 void attention_forward(uintptr_t out, uintptr_t lse, uintptr_t qkv, int B, int T, int C, int H,
-                       int dtype, uintptr_t stream) {
+                       int dtype, float dropout_p, uint64_t seed, uint64_t offset,
+                       uintptr_t stream) {
     const char* op = "attention_forward";
     check_sizes(op, B, T, C, H);
-    const int d = C / H;
+    check_dropout(op, dropout_p);
+    const DropArgs dr = drop_args(dropout_p, seed, offset);
     DISPATCH_STORAGE(op, dtype, [&] {
-        if (d == 32) forward_impl<scalar_t, 32>(out, lse, qkv, B, T, H, as_stream(stream));
-        else if (d == 64) forward_impl<scalar_t, 64>(out, lse, qkv, B, T, H, as_stream(stream));
-        else forward_impl<scalar_t, 128>(out, lse, qkv, B, T, H, as_stream(stream));
+        dispatch_d_drop(C / H, dropout_p > 0.0f, [&](auto dc, auto drop) {
+            forward_impl<scalar_t, decltype(dc)::value, decltype(drop)::value>(
+                out, lse, qkv, B, T, H, dr, as_stream(stream));
+        });
     });
     check_launch(op);
 }
@@ -927,17 +1137,16 @@ long long attention_backward_scratch_size(int B, int T, int H) {
 
 void attention_backward(uintptr_t dqkv, uintptr_t scratch, uintptr_t dout, uintptr_t qkv,
                         uintptr_t out, uintptr_t lse, int B, int T, int C, int H, int dtype,
-                        uintptr_t stream) {
+                        float dropout_p, uint64_t seed, uint64_t offset, uintptr_t stream) {
     const char* op = "attention_backward";
     check_sizes(op, B, T, C, H);
-    const int d = C / H;
+    check_dropout(op, dropout_p);
+    const DropArgs dr = drop_args(dropout_p, seed, offset);
     DISPATCH_STORAGE(op, dtype, [&] {
-        if (d == 32)
-            backward_impl<scalar_t, 32>(dqkv, scratch, dout, qkv, out, lse, B, T, H, as_stream(stream));
-        else if (d == 64)
-            backward_impl<scalar_t, 64>(dqkv, scratch, dout, qkv, out, lse, B, T, H, as_stream(stream));
-        else
-            backward_impl<scalar_t, 128>(dqkv, scratch, dout, qkv, out, lse, B, T, H, as_stream(stream));
+        dispatch_d_drop(C / H, dropout_p > 0.0f, [&](auto dc, auto drop) {
+            backward_impl<scalar_t, decltype(dc)::value, decltype(drop)::value>(
+                dqkv, scratch, dout, qkv, out, lse, B, T, H, dr, as_stream(stream));
+        });
     });
     check_launch(op);
 }

@@ -56,12 +56,14 @@ PYBIND11_MODULE(_C, m) {
 
     m.def("attention_forward", &attention_forward, py::arg("out"), py::arg("lse"),
           py::arg("qkv"), py::arg("B"), py::arg("T"), py::arg("C"), py::arg("H"),
-          py::arg("dtype"), py::arg("stream"));
+          py::arg("dtype"), py::arg("dropout_p"), py::arg("seed"), py::arg("offset"),
+          py::arg("stream"));
     m.def("attention_backward_scratch_size", &attention_backward_scratch_size, py::arg("B"),
           py::arg("T"), py::arg("H"));
     m.def("attention_backward", &attention_backward, py::arg("dqkv"), py::arg("scratch"),
           py::arg("dout"), py::arg("qkv"), py::arg("out"), py::arg("lse"), py::arg("B"),
-          py::arg("T"), py::arg("C"), py::arg("H"), py::arg("dtype"), py::arg("stream"));
+          py::arg("T"), py::arg("C"), py::arg("H"), py::arg("dtype"), py::arg("dropout_p"),
+          py::arg("seed"), py::arg("offset"), py::arg("stream"));
 
     m.def("dropout_forward", &dropout_forward, py::arg("out"), py::arg("x"), py::arg("seed"),
           py::arg("offset"), py::arg("n"), py::arg("p"), py::arg("dtype"), py::arg("stream"));

@@ -741,3 +741,173 @@ def test_text_codec_compact_vocab_and_empty_prompt():
     assert codec.prompt_ids("") == [2] and codec.stop_token == 2
     no_eot = generate.TextCodec(tok, VocabMap([198, 15496], tok.vocab_size))
     assert no_eot.stop_token is None and no_eot.prompt_ids("") == [1]   # "\n"
+
+
+# ---- --dropout and --model small-corpus --------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["1", "1.5", "-0.1", "abc", "nan"])
+def test_bad_dropout(corpus, value):
+    r = invoke(["--data", corpus, "--allow-small-data", "--dropout", value])
+    assert_clean_error(r, "--dropout")
+
+
+def test_dropout_that_rounds_to_one_in_float32(corpus):
+    r = invoke(["--data", corpus, "--allow-small-data", "--dropout", "0.99999999999"])
+    assert_clean_error(r, "--dropout", "0 <= dropout < 1")
+
+
+def test_help_lists_dropout_and_small_corpus():
+    r = invoke(["--help"])
+    assert r.exit_code == 0
+    assert "--dropout" in r.output and "small-corpus" in r.output
+
+
+@pytest.mark.skipif(GPU_OK, reason="this machine has a GPU")
+def test_valid_dropout_command_without_gpu_says_it_needs_one(corpus, tmp_path):
+    r = invoke(["--data", corpus, "--model", "small-corpus", "--dropout", "0.3", "--out",
+                tmp_path / "o"])
+    assert_clean_error(r, "training needs an NVIDIA GPU")
+
+
+def _plan(args):
+    ctx = train.cli.make_context("train", [str(a) for a in args])
+    return train.prepare(ctx, dict(ctx.params))
+
+
+def test_dropout_defaults(corpus, tmp_path):
+    out = ["--out", tmp_path / "o"]
+    # the 100 MiB path (here with --allow-small-data): no dropout
+    plan = _plan(["--data", corpus, "--allow-small-data", *out])
+    assert plan.config.dropout == 0.0 and plan.args["dropout"] == 0.0
+    # the bundled demo: 0.2
+    plan = _plan(out)
+    assert plan.demo and plan.config.dropout == 0.2
+    # the small-corpus preset: nanoGPT's shakespeare_char recipe, small corpora accepted
+    plan = _plan(["--data", corpus, "--model", "small-corpus", *out])
+    c, r = plan.config, plan.r
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.dropout) == (6, 6, 384, 256, 0.2)
+    assert (r["batch_size"], r["lr"], r["min_lr"], r["warmup"], r["beta1"], r["beta2"],
+            r["weight_decay"], r["grad_clip"], r["steps"]) == (64, 1e-3, 1e-4, 100, 0.9, 0.99,
+                                                                0.1, 1.0, 5000)
+    # --dropout wins over every default
+    assert _plan(["--data", corpus, "--model", "small-corpus", "--dropout", "0.05",
+                  *out]).config.dropout == 0.05
+    assert _plan(["--dropout", "0", *out]).config.dropout == 0.0
+    assert _plan(["--data", corpus, "--allow-small-data", "--model", "gpt2", "--n-layer", "1",
+                  "--dropout", "0.1", *out]).config.dropout == 0.1
+    # the compact preset still asks for --allow-small-data on a small corpus
+    r = invoke(["--data", corpus, "--out", tmp_path / "o"])
+    assert_clean_error(r, "--allow-small-data")
+
+
+def test_dropout_with_too_many_micro_batches(corpus, tmp_path):
+    r = invoke(["--data", corpus, "--allow-small-data", "--dropout", "0.1", "--grad-accum",
+                "1025", "--out", tmp_path / "o"])
+    assert_clean_error(r, "--grad-accum 1025", "dropout")
+
+
+def _has_attention_dropout_reference():
+    return hasattr(reference, "attention_forward_dropout")
+
+
+class DropoutNumpyGPT(NumpyGPT):
+    """NumpyGPT that records every forward's dropout keys and, where reference.py has the
+    attention-dropout reference, drops as the CUDA model does (reference.gpt_forward with the
+    same (seed, step, micro-step) keys)."""
+    calls = []
+
+    def __init__(self, config, seed=0):
+        super().__init__(config, seed)
+        self.dropout_seed = seed
+
+    def forward(self, idx, targets=None, *, loss_scale=None, sync=True, dropout_step=None,
+                micro_step=0):
+        type(self).calls.append(None if dropout_step is None else (dropout_step, micro_step))
+        if (dropout_step is None or targets is None or not self.config.dropout
+                or not _has_attention_dropout_reference()):
+            return super().forward(idx, targets, loss_scale=loss_scale, sync=sync)
+        idx = np.asarray(idx)
+        loss, cache = reference.gpt_forward(self.param_views, idx, np.asarray(targets),
+                                            self._cfg(), dropout=self.config.dropout,
+                                            seed=self.dropout_seed, step=dropout_step,
+                                            micro_step=micro_step)
+        self._cache = cache
+        self._scale = (loss_scale if loss_scale is not None else 1.0 / idx.size) * idx.size
+        return loss
+
+
+class DropoutNumpyBackend(NumpyBackend):
+    def create_model(self, config, seed):
+        return DropoutNumpyGPT(config, seed)
+
+
+@pytest.fixture
+def dropout_backend(monkeypatch):
+    monkeypatch.setattr(train, "BACKEND_FACTORY", DropoutNumpyBackend)
+    monkeypatch.setattr(generate, "MODEL_FACTORY", _numpy_model_from_checkpoint)
+    DropoutNumpyGPT.calls = []
+    return DropoutNumpyGPT
+
+
+def test_training_passes_the_step_to_dropout(dropout_backend, corpus, tmp_path):
+    """Training forwards get (step, micro-step) keys; evaluations none; the value is saved in
+    the checkpoint's model config and a resume continues the keys from the saved step."""
+    out = tmp_path / "c"
+    common = [*TINY, "--grad-accum", "2", "--eval-every", "2", "--log-every", "0",
+              "--lr-decay-steps", "4", "--save-every", "0"]
+    r = invoke(["--data", corpus, *common, "--steps", "2", "--dropout", "0.1", "--out", out])
+    assert r.exit_code == 0, r.output
+    calls = dropout_backend.calls
+    assert [c for c in calls if c is not None] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert calls.count(None) == 2                    # one evaluation of --eval-iters 2
+    ck = checkpoint.load(out)
+    assert ck.model_config["dropout"] == 0.1
+    assert ck.trainer_state["args"]["dropout"] == 0.1
+    dropout_backend.calls.clear()
+    r = invoke(["--resume", out, "--steps", "4", "--log-every", "0"])
+    assert r.exit_code == 0, r.output
+    assert [c for c in dropout_backend.calls if c is not None] == [(2, 0), (2, 1), (3, 0), (3, 1)]
+    assert checkpoint.load(out).model_config["dropout"] == 0.1
+    # --dropout on resume changes the training setting (not the architecture)
+    dropout_backend.calls.clear()
+    r = invoke(["--resume", out, "--steps", "5", "--log-every", "0", "--dropout", "0"])
+    assert r.exit_code == 0, r.output
+    assert dropout_backend.calls and all(c is None for c in dropout_backend.calls)
+    assert checkpoint.load(out).model_config["dropout"] == 0.0
+
+
+def test_finetune_draws_other_dropout_masks(dropout_backend, corpus, tmp_path):
+    r = invoke(["--data", corpus, *TINY, "--steps", "2", "--eval-every", "0", "--log-every", "0",
+                "--dropout", "0.1", "--finetune", corpus, "--finetune-steps", "2", "--out",
+                tmp_path / "c"])
+    assert r.exit_code == 0, r.output
+    keys = [c for c in dropout_backend.calls if c is not None]
+    assert keys == [(0, 0), (1, 0), (train.FINETUNE_DROPOUT_STEP, 0),
+                    (train.FINETUNE_DROPOUT_STEP + 1, 0)]
+
+
+@pytest.mark.skipif(not _has_attention_dropout_reference(),
+                    reason="reference.attention_forward_dropout not defined yet")
+def test_resume_with_dropout_continues_with_the_uninterrupted_losses(dropout_backend, corpus,
+                                                                     tmp_path):
+    common = ["--data", corpus, *TINY, "--eval-every", "4", "--log-every", "0",
+              "--lr-decay-steps", "8", "--dropout", "0.2", "--grad-accum", "2"]
+    full_log, part_log = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    r = invoke(common + ["--steps", "8", "--log", full_log, "--out", tmp_path / "full"])
+    assert r.exit_code == 0, r.output
+    r = invoke(common + ["--steps", "5", "--log", part_log, "--out", tmp_path / "part"])
+    assert r.exit_code == 0, r.output
+    r = invoke(["--resume", tmp_path / "part", "--steps", "8", "--log-every", "0"])
+    assert r.exit_code == 0, r.output
+    full, part = read_log(full_log), read_log(part_log)
+    assert [x["step"] for x in part] == list(range(1, 9))
+    for a, b in zip(full, part):
+        assert (a["step"], a["loss"], a["grad_norm"]) == (b["step"], b["loss"], b["grad_norm"])
+    assert [x["val_loss"] for x in full if x["step"] in (4, 8)] == \
+           [x["val_loss"] for x in part if x["step"] in (4, 8)]
+    # and dropout changed the run: the same run without it has other losses
+    plain_log = tmp_path / "plain.jsonl"
+    r = invoke([c if c != "0.2" else "0" for c in common]
+               + ["--steps", "2", "--log", plain_log, "--out", tmp_path / "plain"])
+    assert r.exit_code == 0, r.output
+    assert read_log(plain_log)[1]["loss"] != full[1]["loss"]

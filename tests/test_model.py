@@ -81,7 +81,7 @@ def test_config_dict_round_trip():
         c = GPTConfig.preset(name)
         assert GPTConfig.from_dict(c.to_dict()) == c
     c = GPTConfig(**TINY)
-    assert c.to_dict() == TINY
+    assert c.to_dict() == {**TINY, "dropout": 0.0}
     assert GPTConfig.from_dict({**TINY, "padded_vocab_size": 128}) == c
     with pytest.raises(ValueError, match="padded_vocab_size 256 does not match"):
         GPTConfig.from_dict({**TINY, "padded_vocab_size": 256})
@@ -490,3 +490,246 @@ def test_gpt2_step_runs(cp, rng):
     assert 10.6 < loss < 11.4, loss
     assert np.isfinite(norm) and norm > 0
     assert bool(cp.isfinite(model.grads).all())
+
+
+# ---- dropout -----------------------------------------------------------------------------
+# Training forwards (targets and dropout_step given) drop with masks keyed by (seed, offset);
+# reference.gpt_forward(..., dropout=p, seed, step, micro_step) draws the same masks
+# (reference.dropout_mask, reference.attention_forward_dropout) in float64.
+
+def _has_attention_dropout_reference():
+    return hasattr(reference, "attention_forward_dropout") and hasattr(
+        reference, "attention_backward_dropout")
+
+
+needs_attention_dropout_ref = pytest.mark.skipif(
+    not _has_attention_dropout_reference(),
+    reason="reference.attention_forward_dropout / attention_backward_dropout not defined yet")
+
+
+def test_config_dropout_field():
+    assert GPTConfig().dropout == 0.0
+    c = GPTConfig(**TINY, dropout=0.2)
+    assert c.dropout == 0.2 and c.to_dict() == {**TINY, "dropout": 0.2}
+    assert GPTConfig.from_dict(c.to_dict()) == c
+    assert GPTConfig.from_dict(TINY).dropout == 0.0            # a dict saved before dropout
+    assert GPTConfig.preset("default", dropout=0.2).dropout == 0.2
+    assert GPTConfig(**TINY, dropout=0).dropout == 0.0 and isinstance(
+        GPTConfig(**TINY, dropout=0).dropout, float)
+    for bad in (-0.1, 1.0, 1.5, float("nan"), 1 - 1e-9):      # 1 - 1e-9 rounds to 1 in float32
+        with pytest.raises(ValueError, match="'dropout' must satisfy 0 <= dropout < 1"):
+            GPTConfig(**TINY, dropout=bad)
+    for bad in ("0.1", True, None):
+        with pytest.raises(ValueError, match="'dropout' must be a number"):
+            GPTConfig(**TINY, dropout=bad)
+    with pytest.raises(ValueError, match="at most 256 layers"):
+        GPTConfig(n_layer=257, n_head=1, n_embd=32, block_size=4, vocab_size=5, dropout=0.1)
+    assert GPTConfig(n_layer=257, n_head=1, n_embd=32, block_size=4, vocab_size=5).n_layer == 257
+
+
+def test_dropout_offsets_are_distinct_and_match_reference():
+    from textgpt2.model import (DROP_ATTN, DROP_ATTN_PROJ, DROP_EMBD, DROP_MLP,
+                                DROPOUT_MAX_STEP, dropout_offset)
+    assert (DROP_ATTN, DROP_ATTN_PROJ, DROP_MLP, DROP_EMBD) == (
+        reference.GPT_DROP_ATTN, reference.GPT_DROP_ATTN_PROJ, reference.GPT_DROP_MLP,
+        reference.GPT_DROP_EMBD)
+    keys = [(s, m, l, site) for s in (0, 1, 7, 123456) for m in (0, 1, 3, 1023)
+            for l in (0, 1, 5, 255) for site in range(4)]
+    offs = [dropout_offset(*k) for k in keys]
+    assert len(set(offs)) == len(offs)
+    assert offs == [reference.gpt_dropout_offset(*k) for k in keys]
+    assert dropout_offset(DROPOUT_MAX_STEP - 1, 1023, 255, 3) == 2**64 - 1
+    for args, match in [((DROPOUT_MAX_STEP, 0, 0, 0), "'step'"), ((0, 1024, 0, 0), "'micro_step'"),
+                        ((0, 0, 256, 0), "'layer'"), ((0, 0, 0, 4), "'site'"),
+                        ((-1, 0, 0, 0), "'step'")]:
+        with pytest.raises(ValueError, match=match):
+            dropout_offset(*args)
+    with pytest.raises(TypeError, match="'step' must be an integer"):
+        dropout_offset(1.0, 0, 0, 0)
+
+
+def test_reference_gpt_dropout_zero_is_the_plain_model(rng):
+    cfg = GPTConfig(**TINY)
+    params = reference.gpt_init(cfg, rng)
+    idx, targets = _batch(rng, cfg, 2, 5)
+    l0, c0 = reference.gpt_forward(params, idx, targets, cfg)
+    l1, c1 = reference.gpt_forward(params, idx, targets, cfg, dropout=0.0, seed=3, step=9)
+    assert l0 == l1
+    g0, g1 = reference.gpt_backward(params, c0, cfg), reference.gpt_backward(params, c1, cfg)
+    assert all(np.array_equal(g0[k], g1[k]) for k in g0)
+
+
+@needs_attention_dropout_ref
+def test_reference_gpt_dropout_gradients_by_finite_differences():
+    """The masks are fixed by (seed, step), so the loss is a smooth function of the weights."""
+    cfg = dict(n_layer=2, n_head=2, n_embd=8, block_size=6, vocab_size=11, padded_vocab_size=16)
+    r = np.random.default_rng(1)
+    params = reference.gpt_init(cfg, r)
+    for k in params:
+        if k != "wte":
+            params[k] = params[k] + 0.05 * r.standard_normal(params[k].shape)
+    idx, targets = r.integers(0, 11, (2, 5)), r.integers(0, 11, (2, 5))
+    kw = dict(dropout=0.3, seed=5, step=2, micro_step=1)
+    loss, cache = reference.gpt_forward(params, idx, targets, cfg, **kw)
+    assert loss != reference.gpt_forward(params, idx, targets, cfg)[0]
+    grads = reference.gpt_backward(params, cache, cfg)
+    eps = 1e-6
+    for name, g in grads.items():
+        for j in r.choice(g.size, min(4, g.size), replace=False):
+            if name == "wte" and j // 8 >= 11:
+                continue
+            hi = {k: v.copy() for k, v in params.items()}
+            lo = {k: v.copy() for k, v in params.items()}
+            hi[name].flat[j] += eps
+            lo[name].flat[j] -= eps
+            fd = (reference.gpt_forward(hi, idx, targets, cfg, **kw)[0]
+                  - reference.gpt_forward(lo, idx, targets, cfg, **kw)[0]) / (2 * eps)
+            assert abs(fd - g.flat[j]) <= 1e-6 + 1e-4 * abs(fd), (name, j, fd, g.flat[j])
+
+
+@pytest.mark.gpu
+@needs_attention_dropout_ref
+@pytest.mark.parametrize("cfg_dict,B,T", REF_CASES[:2])
+def test_dropout_loss_and_grads_match_reference(cp, rng, fp32_matmuls, cfg_dict, B, T):
+    """Dropout 0.1 at all four sites, masks of (seed 7, step 3, micro-step 1): the loss and every
+    gradient within the plain model's tolerances of the reference's."""
+    from textgpt2.model import GPT
+    cfg = GPTConfig(**cfg_dict, dropout=0.1)
+    model = GPT(cfg, seed=7)
+    assert model.dropout_seed == 7
+    params = _perturbed_params(cfg, rng)
+    model.load_state_dict(params)
+    idx, targets = _batch(rng, cfg, B, T)
+    kw = dict(dropout=0.1, seed=7, step=3, micro_step=1)
+    ref_loss, cache = reference.gpt_forward(params, idx, targets, cfg, **kw)
+    ref_grads = reference.gpt_backward(params, cache, cfg)
+    # the masks matter: without them the gradients are far off
+    plain_loss, plain_cache = reference.gpt_forward(params, idx, targets, cfg)
+    plain_grads = reference.gpt_backward(params, plain_cache, cfg)
+    assert max(rel_err(plain_grads[k], ref_grads[k]) for k in ref_grads) > 0.05
+
+    _poison(model, cp, B, T)
+    model.grads.fill(np.nan)
+    model.zero_grad()
+    loss = model.forward(idx, targets, dropout_step=3, micro_step=1)
+    model.backward()
+    assert abs(loss - ref_loss) / abs(ref_loss) < 2e-5, (loss, ref_loss, plain_loss)
+    grads = _grads(model)
+    for name, ref in ref_grads.items():
+        assert rel_err(grads[name], ref) < 3e-3, (name, rel_err(grads[name], ref))
+    assert not grads["wte"][cfg.vocab_size:].any()
+
+    # evaluation never drops: loss() and a forward without dropout_step give the plain loss
+    assert abs(model.loss(idx, targets) - plain_loss) / abs(plain_loss) < 2e-5
+    assert abs(model.forward(idx, targets) - plain_loss) / abs(plain_loss) < 2e-5
+    logits = model.forward(cp.asarray(idx)).get()[..., :cfg.vocab_size]
+    assert rel_err(logits, plain_cache["logits"][..., :cfg.vocab_size]) < 1e-3
+
+
+@pytest.mark.gpu
+def test_dropout_same_key_same_bits_and_eval_ignores_it(cp, rng):
+    """The same (seed, step, micro-step) gives identical bits; another step other masks; eval
+    passes are bitwise those of the same weights without dropout."""
+    from textgpt2.model import GPT
+    cfg = GPTConfig(**TINY, dropout=0.1)
+    model = GPT(cfg, seed=11)
+    plain = GPT(GPTConfig(**TINY), seed=11)
+    params = _perturbed_params(cfg, rng)
+    model.load_state_dict(params)
+    plain.load_state_dict(params)
+    idx, targets = _batch(rng, cfg, 2, 8)
+    runs = []
+    for step in (5, 5, 6):
+        model.zero_grad()
+        loss = model.forward(idx, targets, dropout_step=step)
+        model.backward()
+        runs.append((loss, model.grads.get()))
+    assert runs[0][0] == runs[1][0] and np.array_equal(runs[0][1], runs[1][1])
+    assert runs[2][0] != runs[0][0] and not np.array_equal(runs[2][1], runs[0][1])
+    model.zero_grad()
+    loss_micro = model.forward(idx, targets, dropout_step=5, micro_step=1)
+    assert loss_micro != runs[0][0]
+    # another seed, other masks
+    other = GPT(cfg, seed=12)
+    other.load_state_dict(params)
+    assert other.forward(idx, targets, dropout_step=5) != runs[0][0]
+    # evaluation: the same bits as the model without dropout
+    assert model.loss(idx, targets) == plain.loss(idx, targets)
+    assert np.array_equal(model.logits_last(idx), plain.logits_last(idx))
+    model.zero_grad()
+    plain.zero_grad()
+    assert model.forward(idx, targets) == plain.forward(idx, targets)   # no dropout_step
+    model.backward()
+    plain.backward()
+    assert np.array_equal(model.grads.get(), plain.grads.get())
+    with pytest.raises(ValueError, match="dropout_step is for training forwards"):
+        model.forward(idx, dropout_step=1)
+    with pytest.raises(ValueError, match="'micro_step' must satisfy"):
+        model.forward(idx, targets, dropout_step=1, micro_step=1024)
+    with pytest.raises(ValueError, match="'dropout_step' must satisfy"):
+        model.forward(idx, targets, dropout_step=-1)
+
+
+@pytest.mark.gpu
+def test_dropout_zero_launches_nothing_extra(monkeypatch, rng):
+    """p == 0: no dropout kernel and no attention dropout arguments, even in training."""
+    from textgpt2 import ops
+    from textgpt2.model import GPT
+    seen = []
+
+    def refuse(*a, **k):
+        raise AssertionError("dropout launched")
+
+    def spy(fn):
+        def wrapper(*a, **k):
+            seen.append(sorted(k))
+            return fn(*a, **k)
+        return wrapper
+    monkeypatch.setattr(ops, "dropout_forward", refuse)
+    monkeypatch.setattr(ops, "dropout_backward", refuse)
+    monkeypatch.setattr(ops, "attention_forward", spy(ops.attention_forward))
+    monkeypatch.setattr(ops, "attention_backward", spy(ops.attention_backward))
+    cfg = GPTConfig(**TINY)
+    model = GPT(cfg)
+    idx, targets = _batch(rng, cfg, 2, 8)
+    model.zero_grad()
+    model.forward(idx, targets, dropout_step=3)
+    model.backward()
+    assert seen and not any("dropout_p" in k for k in seen)
+    # a model with dropout drops nothing in evaluation or generation either
+    drop = GPT(GPTConfig(**TINY, dropout=0.2))
+    seen.clear()
+    drop.loss(idx, targets)
+    drop.logits_last(idx)
+    assert seen and not any("dropout_p" in k for k in seen)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_graph", [False, True])
+def test_dropout_training_with_and_without_graphs(cp, rng, use_graph):
+    """With use_graph the training passes with dropout run eagerly (their offsets change every
+    step; a replayed graph would repeat one step's masks), so graphs change nothing: the
+    eager model's losses and weights, and every micro-step's masks differ."""
+    from textgpt2.model import GPT
+    from textgpt2.optim import AdamW
+    cfg = GPTConfig(**TINY, dropout=0.2)
+    runs = []
+    for graph in (False, use_graph):
+        model = GPT(cfg, seed=3, use_graph=graph)
+        opt = AdamW(model, lr=1e-3)
+        r = np.random.default_rng(5)
+        idx, targets = _batch(r, cfg, 2, 8)
+        out = []
+        for step in range(4):
+            model.zero_grad()
+            for micro in range(2):
+                out.append(model.forward(idx, targets, loss_scale=1 / 32, dropout_step=step,
+                                         micro_step=micro))
+                model.backward()
+            opt.step()
+            out.append(model.loss(idx, targets))
+        runs.append((out, model.params.get()))
+    (a, pa), (b, pb) = runs
+    assert rel_err(b, a) < 1e-6 and rel_err(pb, pa) < 1e-6      # (as test_cuda_graph_matches_eager)
+    train_losses = [x for i, x in enumerate(a) if i % 3 != 2]
+    assert len(set(train_losses)) == len(train_losses)     # every micro-step its own masks

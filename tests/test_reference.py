@@ -606,3 +606,70 @@ def test_dropout_backward_finite_differences(rng):
     dx = R.dropout_backward(G, mask, p)
     check_grad(lambda: np.sum(R.dropout_forward(x, mask, p) * G), x, dx)
     np.testing.assert_array_equal(dx[~mask], 0.0)
+
+
+# ---- attention with dropout on the probabilities ----------------------------------------------
+
+def test_attention_dropout_mask_indexing():
+    """Element (b, h, i, j) is index ((b*H + h)*T + i)*T + j of dropout_mask's stream."""
+    B, H, T, p, seed, offset = 2, 3, 5, 0.4, 77, 2**33 + 1
+    M = R.attention_dropout_mask(B, H, T, p, seed, offset)
+    flat = R.dropout_mask(seed, offset, B * H * T * T, p)
+    for b, h, i, j in [(0, 0, 0, 0), (1, 2, 4, 4), (0, 1, 3, 2), (1, 0, 2, 3)]:
+        assert M[b, h, i, j] == flat[((b * H + h) * T + i) * T + j]
+    assert 0 < M.sum() < M.size
+
+
+def test_attention_forward_dropout(rng):
+    B, T, H, d, p = 2, 6, 2, 3, 0.3
+    qkv = rng.standard_normal((B, T, 3 * H * d))
+    out, lse = R.attention_forward_dropout(qkv, H, p, 5, 9)
+    _, lse_plain = R.attention_forward(qkv, H)
+    np.testing.assert_array_equal(lse, lse_plain)  # lse never sees the mask
+    M = R.attention_dropout_mask(B, H, T, p, 5, 9)
+    r = 1.0 / (1.0 - np.float64(np.float32(p)))
+    for b in range(B):  # written out position by position
+        for h in range(H):
+            v = qkv[b, :, 2 * H * d + h * d:2 * H * d + (h + 1) * d]
+            q = qkv[b, :, h * d:(h + 1) * d]
+            k = qkv[b, :, H * d + h * d:H * d + (h + 1) * d]
+            for i in range(T):
+                s = np.array([q[i] @ k[j] / math.sqrt(d) for j in range(i + 1)])
+                P = np.exp(s - lse[b, h, i])
+                expect = (np.where(M[b, h, i, :i + 1], P * r, 0.0)) @ v[:i + 1]
+                np.testing.assert_allclose(out[b, i, h * d:(h + 1) * d], expect, rtol=1e-12,
+                                           atol=1e-13)
+    # p = 0 is exactly the plain attention
+    out0, lse0 = R.attention_forward_dropout(qkv, H, 0.0, 5, 9)
+    np.testing.assert_array_equal(out0, R.attention_forward(qkv, H)[0])
+    np.testing.assert_array_equal(lse0, lse_plain)
+
+
+@pytest.mark.parametrize("B,T,H,d,p", [(1, 1, 2, 3, 0.5), (2, 5, 2, 3, 0.3), (1, 7, 2, 4, 0.5)])
+def test_attention_backward_dropout_finite_differences(rng, B, T, H, d, p):
+    """At a fixed mask (seed, offset fixed: the mask does not depend on qkv) the forward is a
+    smooth function of qkv; the analytic backward matches central differences."""
+    qkv = rng.standard_normal((B, T, 3 * H * d))
+    G = rng.standard_normal((B, T, H * d))
+    seed, offset = 1234, 56
+    dqkv = R.attention_backward_dropout(G, qkv, H, p, seed, offset)
+    assert dqkv.shape == qkv.shape
+    check_grad(lambda: np.sum(R.attention_forward_dropout(qkv, H, p, seed, offset)[0] * G),
+               qkv, dqkv)
+    np.testing.assert_array_equal(R.attention_backward_dropout(G, qkv, H, 0.0, seed, offset),
+                                  R.attention_backward(G, qkv, H))
+
+
+def test_attention_dropout_D_identity(rng):
+    """D_i = sum_j P_ij dP_ij (dP = M r dO v^T) equals dO_i . O_i with the dropped output O."""
+    B, T, H, d, p = 1, 6, 1, 4, 0.5
+    qkv = rng.standard_normal((B, T, 3 * H * d))
+    G = rng.standard_normal((B, T, H * d))
+    out, _ = R.attention_forward_dropout(qkv, H, p, 3, 4)
+    q, k, v = R._split_heads(qkv, H)
+    P, _ = R._attention_probs(q, k)
+    M = R.attention_dropout_mask(B, H, T, p, 3, 4)
+    r = 1.0 / (1.0 - np.float64(np.float32(p)))
+    dP = np.where(M, G.reshape(B, T, H, d).transpose(0, 2, 1, 3) @ v.swapaxes(-1, -2) * r, 0.0)
+    np.testing.assert_allclose((P * dP).sum(-1)[0, 0], (G * out).sum(-1)[0], rtol=1e-12,
+                               atol=1e-13)

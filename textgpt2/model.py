@@ -3,10 +3,11 @@ of our CUDA kernels (textgpt2.ops) and cuBLAS products (textgpt2.gemm).
 
 Reads like nanoGPT's model.py, with the backward pass written out instead of left to autograd:
 
-    x = wte[idx] + wpe[:T]                                   encoder_forward
+    x = drop(wte[idx] + wpe[:T])                             encoder_forward (+ dropout)
     for each block:
-        x = x + c_proj(attention(c_attn(ln_1(x))))           layernorm, matmul + bias, attention,
-        x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))          matmul + bias, residual, gelu, ...
+        x = x + drop(c_proj(attention(c_attn(ln_1(x)))))     layernorm, matmul + bias, attention
+                                                             (dropout on its probabilities),
+        x = x + drop(mlp.c_proj(gelu(mlp.c_fc(ln_2(x)))))    matmul + bias, residual, gelu, ...
     logits = ln_f(x) @ wte.T                                 the head is tied to wte
     loss = mean cross-entropy over the B*T positions         fused softmax + loss + dlogits
 
@@ -31,6 +32,15 @@ Nothing in forward/backward waits for the GPU except reading the loss as a Pytho
 `use_graph=True` forward and backward are each captured once per shape into a CUDA graph
 (CuPy stream capture) and replayed: a GPT-2 step is several hundred launches, and a replay
 costs one.
+
+Dropout (config.dropout = p > 0) applies only in a TRAINING forward: one given targets and a
+`dropout_step`. Evaluation (loss(), a forward without dropout_step), logits and generation never
+drop. The masks are not stored: every site draws Philox numbers keyed by (seed, offset) with
+seed = the model's `dropout_seed` (the run's seed) and offset = dropout_offset(step, micro_step,
+layer, site), so backward() regenerates the same masks, a run is reproducible and a resumed run
+draws the masks the uninterrupted one would have. Dropout offsets are kernel arguments, so a
+training pass with dropout runs eagerly even with use_graph=True (a captured graph would replay
+one step's masks forever); evaluation and inference still replay their graphs.
 """
 from __future__ import annotations
 
@@ -50,6 +60,32 @@ VOCAB_PAD = 128            # wte rows and logits columns are padded to a multipl
 _ALIGN = 64                # each tensor in the flat buffers starts at a multiple of 64 floats
                            # (256 bytes): vectorised kernels and cuBLAS like aligned pointers
 
+# Dropout sites. Every (step, micro-step, layer, site) gets its own 64-bit Philox offset, so no
+# two masks of a run share random numbers; the embedding's site lives in layer slot 0.
+DROP_ATTN, DROP_ATTN_PROJ, DROP_MLP, DROP_EMBD = 0, 1, 2, 3
+DROPOUT_MICRO_STEPS = 1024     # micro-steps (gradient accumulation) per step with dropout
+DROPOUT_LAYERS = 256           # layers a model with dropout may have
+DROPOUT_MAX_STEP = 2**64 // (DROPOUT_MICRO_STEPS * DROPOUT_LAYERS * 4)     # 2**44
+
+
+def _index(where, name, value, hi):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{where}: '{name}' must be an integer, got {type(value).__name__}")
+    if not 0 <= int(value) < hi:
+        raise ValueError(f"{where}: '{name}' must satisfy 0 <= {name} < {hi}, got {value!r}")
+    return int(value)
+
+
+def dropout_offset(step: int, micro_step: int, layer: int, site: int) -> int:
+    """The Philox offset of one dropout mask: ((step * 1024 + micro_step) * 256 + layer) * 4
+    + site, distinct for every step < 2**44, micro_step < 1024, layer < 256, site < 4
+    (reference.gpt_dropout_offset is the same formula, written independently)."""
+    step = _index("dropout_offset", "step", step, DROPOUT_MAX_STEP)
+    micro_step = _index("dropout_offset", "micro_step", micro_step, DROPOUT_MICRO_STEPS)
+    layer = _index("dropout_offset", "layer", layer, DROPOUT_LAYERS)
+    site = _index("dropout_offset", "site", site, 4)
+    return ((step * DROPOUT_MICRO_STEPS + micro_step) * DROPOUT_LAYERS + layer) * 4 + site
+
 
 # ---- configuration -----------------------------------------------------------------------
 
@@ -68,6 +104,8 @@ class GPTConfig:
     n_embd: int = 384
     block_size: int = 256       # context length: rows of the position embedding
     vocab_size: int = 256       # real tokens (256 = bytes); wte is padded to padded_vocab_size
+    dropout: float = 0.0        # drop probability in training (0 <= p < 1): on the embedding
+                                # sum, the attention probabilities, the attention and MLP outputs
 
     def __post_init__(self):
         self.validate()
@@ -75,6 +113,8 @@ class GPTConfig:
     def validate(self):
         """Raise ValueError (naming the field and value) unless this config can be built."""
         for f in dataclasses.fields(self):
+            if f.name == "dropout":
+                continue
             v = getattr(self, f.name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"GPTConfig: '{f.name}' must be a positive integer, got {v!r}")
@@ -89,6 +129,17 @@ class GPTConfig:
                              f"(supported: {ok})")
         if self.padded_vocab_size >= 2**31 or self.block_size >= 2**31:
             raise ValueError("GPTConfig: vocab_size and block_size must be below 2**31")
+        p = self.dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
+            raise ValueError(f"GPTConfig: 'dropout' must be a number in [0, 1), got {p!r}")
+        # the kernels take p as a float32: it must stay below 1 after that rounding too
+        if not (0 <= p < 1 and float(np.float32(p)) < 1.0):
+            raise ValueError(f"GPTConfig: 'dropout' must satisfy 0 <= dropout < 1, got {p!r}")
+        self.dropout = float(p)
+        if self.dropout > 0 and self.n_layer > DROPOUT_LAYERS:
+            raise ValueError(f"GPTConfig: dropout supports at most {DROPOUT_LAYERS} layers "
+                             f"(n_layer {self.n_layer}): each layer's masks need their own "
+                             "Philox offsets")
         return self
 
     @property
@@ -108,7 +159,7 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: unknown preset {name!r}; choose one of "
                              f"{', '.join(repr(k) for k in PRESETS)}")
         d = dict(PRESETS[name])
-        unknown = sorted(set(overrides) - set(d))
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"GPTConfig.preset: unknown field(s) {', '.join(unknown)}")
         d.update({k: v for k, v in overrides.items() if v is not None})
@@ -120,7 +171,8 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> "GPTConfig":
         """Inverse of to_dict. A 'padded_vocab_size' key is accepted if it agrees; any other
-        unknown key is an error (a typo would otherwise silently build another model)."""
+        unknown key is an error (a typo would otherwise silently build another model). A
+        missing 'dropout' (dicts saved before it existed) means 0."""
         if not isinstance(d, Mapping):
             raise TypeError(f"GPTConfig.from_dict: expected a dict, got {type(d).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
@@ -128,10 +180,11 @@ class GPTConfig:
         if unknown:
             raise ValueError(f"GPTConfig.from_dict: unknown key(s) {', '.join(unknown)}; "
                              f"expected {', '.join(names)}")
-        missing = [k for k in names if k not in d]
+        optional = {"dropout": 0.0}
+        missing = [k for k in names if k not in d and k not in optional]
         if missing:
             raise ValueError(f"GPTConfig.from_dict: missing key(s) {', '.join(missing)}")
-        cfg = cls(**{k: d[k] for k in names})
+        cfg = cls(**{k: d.get(k, optional.get(k)) for k in names})
         if "padded_vocab_size" in d and d["padded_vocab_size"] != cfg.padded_vocab_size:
             raise ValueError(f"GPTConfig.from_dict: padded_vocab_size {d['padded_vocab_size']!r} "
                              f"does not match vocab_size {cfg.vocab_size} (expected "
@@ -220,13 +273,38 @@ def init_params(config: GPTConfig, seed: int = 0) -> dict:
     return params
 
 
+class _Dropout:
+    """The dropout of one training micro-step: (p, seed, offset) per site. False (and no
+    attention keywords) when nothing drops, so a p == 0 model launches nothing extra."""
+
+    def __init__(self, p=0.0, seed=0, step=0, micro_step=0):
+        self.p, self.seed, self.step, self.micro_step = p, seed, step, micro_step
+
+    def __bool__(self):
+        return self.p > 0
+
+    def site(self, layer, site):
+        """(p, seed, offset) for ops.dropout_forward / dropout_backward."""
+        return self.p, self.seed, dropout_offset(self.step, self.micro_step, layer, site)
+
+    def attention(self, layer):
+        """Keyword arguments of ops.attention_forward / attention_backward."""
+        if not self:
+            return {}
+        p, seed, offset = self.site(layer, DROP_ATTN)
+        return {"dropout_p": p, "seed": seed, "offset": offset}
+
+
+_NO_DROPOUT = _Dropout()
+
+
 # ---- the model ---------------------------------------------------------------------------
 
 class GPT:
     """GPT-2 on the GPU. See the module docstring for the memory layout and conventions.
 
-    GPT(config, seed=0, use_graph=False)
-      forward(idx, targets=None, *, loss_scale=None, sync=True)
+    GPT(config, seed=0, use_graph=False)     seed: initial weights and the dropout masks
+      forward(idx, targets=None, *, loss_scale=None, sync=True, dropout_step=None, micro_step=0)
       backward()
       zero_grad()
       loss(idx_np, targets_np) -> float;  logits_last(idx) -> np.ndarray (B, vocab_size)
@@ -240,6 +318,7 @@ class GPT:
         self.cp = cp = require_gpu("textgpt2.GPT")
         self.config = config
         self.use_graph = bool(use_graph)
+        self.dropout_seed = int(seed)     # the Philox key of every dropout mask (0 <= seed < 2**64)
 
         layout, self.n_decay, n_total = param_layout(config)
         self.params = cp.zeros(n_total, dtype=np.float32)
@@ -261,7 +340,7 @@ class GPT:
         self._store = None      # flat activation storage (forward)
         self._gstore = None     # flat activation-gradient storage (backward), made lazily
         self._views = {}        # (B, T) -> SimpleNamespace of views into _store / _gstore
-        self._pending = None    # (B, T) of a training forward whose backward has not run
+        self._pending = None    # (B, T, _Dropout) of a training forward awaiting its backward
         self._graphs = {}       # key -> cupy.cuda.Graph
         self._warm = set()      # keys run once eagerly on the capture stream
         self._capture_stream = None
@@ -429,7 +508,8 @@ class GPT:
 
     # -- forward --
 
-    def forward(self, idx, targets=None, *, loss_scale=None, sync=True):
+    def forward(self, idx, targets=None, *, loss_scale=None, sync=True, dropout_step=None,
+                micro_step=0):
         """Run the model on idx (B, T) token ids (NumPy or CuPy integers, T <= block_size).
 
         Without targets: returns the logits, a (B, T, Vp) CuPy view of an internal buffer that
@@ -438,9 +518,23 @@ class GPT:
         dlogits = loss_scale * d(sum of losses)/dlogits (loss_scale default 1/(B*T), i.e. the
         gradient of the mean; pass 1/(B*T*accum) for gradient accumulation) over the logits,
         ready for backward(). Returns the mean loss: a Python float if sync (waits for the
-        GPU), else a 0-d float32 CuPy array (overwritten by the next forward)."""
+        GPU), else a 0-d float32 CuPy array (overwritten by the next forward).
+
+        Training vs evaluation: with targets AND dropout_step (the optimizer step, an int >= 0)
+        this is a training forward, which applies config.dropout with the masks of
+        (dropout_seed, dropout_step, micro_step) (micro_step: the micro-batch within the step,
+        0 <= micro_step < 1024); backward() reuses them. Without dropout_step nothing drops."""
         idx = self._tokens(idx, "idx")
         B, T = idx.shape
+        drop = _NO_DROPOUT
+        if dropout_step is not None:
+            if targets is None:
+                raise ValueError("GPT.forward: dropout_step is for training forwards; give "
+                                 "targets too (a forward without targets never drops)")
+            step = _index("GPT.forward", "dropout_step", dropout_step, DROPOUT_MAX_STEP)
+            micro = _index("GPT.forward", "micro_step", micro_step, DROPOUT_MICRO_STEPS)
+            if self.config.dropout > 0:
+                drop = _Dropout(self.config.dropout, self.dropout_seed, step, micro)
         if targets is not None:
             targets = self._tokens(targets, "targets", shape=(B, T))
             scale = 1.0 / (B * T) if loss_scale is None else ops._real(
@@ -449,30 +543,37 @@ class GPT:
         self._load_tokens(v.idx, idx)
         if targets is not None:
             self._load_tokens(v.targets, targets)
-            self._run(("forward", B, T, scale), lambda: self._forward(v, scale))
-            self._pending = (B, T)
+            # a training pass with dropout runs eagerly: its offsets change every step
+            self._run(("forward", B, T, scale), lambda: self._forward(v, scale, drop),
+                      graph=not drop)
+            self._pending = (B, T, drop)
             return float(v.loss.get()) if sync else v.loss
-        self._run(("forward", B, T, None), lambda: self._forward(v, None))
+        self._run(("forward", B, T, None), lambda: self._forward(v, None, _NO_DROPOUT))
         self._pending = None        # the activations now belong to an inference pass
         return v.logits.reshape(B, T, self.config.padded_vocab_size)
 
-    def _forward(self, v, dloss_scale):
+    def _forward(self, v, dloss_scale, drop):
         c, p = self.config, self.param_views
         H, V = c.n_head, c.vocab_size
         ops.encoder_forward(v.idx, p["wte"], p["wpe"], out=v.encoded.reshape(v.B, v.T, -1))
+        if drop:                                        # x = dropout(wte[idx] + wpe[:T])
+            ops.dropout_forward(v.encoded, *drop.site(0, DROP_EMBD), out=v.encoded)
         x = v.encoded                                   # the residual stream, (N, C)
         for l, a in enumerate(v.layers):
             h = f"h.{l}."
-            # attention branch: x + c_proj(attention(c_attn(ln_1(x))))
+            # attention branch: x + dropout(c_proj(attention(c_attn(ln_1(x)))))
             ops.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"],
                                   out=a.ln1, mean=a.ln1_mean, rstd=a.ln1_rstd)
             gemm.matmul_forward(a.ln1, p[h + "attn.c_attn.weight"], out=a.qkv)
             ops.bias_forward(a.qkv, p[h + "attn.c_attn.bias"], out=a.qkv)
-            ops.attention_forward(a.qkv3, H, out=a.att3, lse=a.att_lse)
+            ops.attention_forward(a.qkv3, H, out=a.att3, lse=a.att_lse,
+                                  **drop.attention(l))   # dropout on the probabilities
             gemm.matmul_forward(a.att, p[h + "attn.c_proj.weight"], out=a.res2)
             ops.bias_forward(a.res2, p[h + "attn.c_proj.bias"], out=a.res2)
+            if drop:
+                ops.dropout_forward(a.res2, *drop.site(l, DROP_ATTN_PROJ), out=a.res2)
             ops.residual_forward(a.res2, x, out=a.res2)
-            # MLP branch: res2 + mlp.c_proj(gelu(mlp.c_fc(ln_2(res2))))
+            # MLP branch: res2 + dropout(mlp.c_proj(gelu(mlp.c_fc(ln_2(res2)))))
             ops.layernorm_forward(a.res2, p[h + "ln_2.weight"], p[h + "ln_2.bias"],
                                   out=a.ln2, mean=a.ln2_mean, rstd=a.ln2_rstd)
             gemm.matmul_forward(a.ln2, p[h + "mlp.c_fc.weight"], out=a.fc)
@@ -480,6 +581,8 @@ class GPT:
             ops.gelu_forward(a.fc, out=a.fc_gelu)
             gemm.matmul_forward(a.fc_gelu, p[h + "mlp.c_proj.weight"], out=a.res3)
             ops.bias_forward(a.res3, p[h + "mlp.c_proj.bias"], out=a.res3)
+            if drop:
+                ops.dropout_forward(a.res3, *drop.site(l, DROP_MLP), out=a.res3)
             ops.residual_forward(a.res3, a.res2, out=a.res3)
             x = a.res3
         ops.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"],
@@ -499,13 +602,13 @@ class GPT:
         if self._pending is None:
             raise RuntimeError("GPT.backward: no training forward to backpropagate; call "
                                "forward(idx, targets) first (once per backward)")
-        B, T = self._pending
+        B, T, drop = self._pending
         v = self._acts(B, T)
         self._grad_bufs(v)
-        self._run(("backward", B, T), lambda: self._backward(v))
+        self._run(("backward", B, T), lambda: self._backward(v, drop), graph=not drop)
         self._pending = None
 
-    def _backward(self, v):
+    def _backward(self, v, drop):
         c, p, g, d = self.config, self.param_views, self.grad_views, v.grad
         H = c.n_head
         # lm head (tied): logits = lnf @ wte.T; v.logits holds dlogits now
@@ -518,11 +621,14 @@ class GPT:
         for l in reversed(range(c.n_layer)):
             a, h = v.layers[l], f"h.{l}."
             x_in = v.layers[l - 1].res3 if l > 0 else v.encoded
-            # MLP branch: res3 = res2 + c_proj(gelu(c_fc(ln_2(res2)))); d.dres passes
-            # unchanged to res2 and into the branch.
-            ops.bias_backward(d.dres, g[h + "mlp.c_proj.bias"])
-            gemm.matmul_backward_weight(d.dres, a.fc_gelu, g[h + "mlp.c_proj.weight"])
-            gemm.matmul_backward_input(d.dres, p[h + "mlp.c_proj.weight"], dx=d.dfc)
+            # MLP branch: res3 = res2 + dropout(c_proj(gelu(c_fc(ln_2(res2))))); d.dres
+            # passes unchanged to res2 and, through the dropout's mask, into the branch (dy).
+            dy = d.dres
+            if drop:
+                dy = ops.dropout_backward(d.dres, *drop.site(l, DROP_MLP), dx=d.dtmp)
+            ops.bias_backward(dy, g[h + "mlp.c_proj.bias"])
+            gemm.matmul_backward_weight(dy, a.fc_gelu, g[h + "mlp.c_proj.weight"])
+            gemm.matmul_backward_input(dy, p[h + "mlp.c_proj.weight"], dx=d.dfc)
             ops.gelu_backward(d.dfc, a.fc, dx=d.dfc)
             ops.bias_backward(d.dfc, g[h + "mlp.c_fc.bias"])
             gemm.matmul_backward_weight(d.dfc, a.ln2, g[h + "mlp.c_fc.weight"])
@@ -531,11 +637,15 @@ class GPT:
                                    a.ln2_rstd, dx=d.dtmp, dweight=g[h + "ln_2.weight"],
                                    dbias=g[h + "ln_2.bias"])
             ops.residual_forward(d.dres, d.dtmp, out=d.dres)        # d.dres = dL/d res2
-            # attention branch: res2 = x + c_proj(attention(c_attn(ln_1(x))))
-            ops.bias_backward(d.dres, g[h + "attn.c_proj.bias"])
-            gemm.matmul_backward_weight(d.dres, a.att, g[h + "attn.c_proj.weight"])
-            gemm.matmul_backward_input(d.dres, p[h + "attn.c_proj.weight"], dx=d.dbuf)
-            ops.attention_backward(d.dbuf3, a.qkv3, a.att3, a.att_lse, H, dqkv=d.dqkv3)
+            # attention branch: res2 = x + dropout(c_proj(attention(c_attn(ln_1(x)))))
+            dy = d.dres
+            if drop:
+                dy = ops.dropout_backward(d.dres, *drop.site(l, DROP_ATTN_PROJ), dx=d.dtmp)
+            ops.bias_backward(dy, g[h + "attn.c_proj.bias"])
+            gemm.matmul_backward_weight(dy, a.att, g[h + "attn.c_proj.weight"])
+            gemm.matmul_backward_input(dy, p[h + "attn.c_proj.weight"], dx=d.dbuf)
+            ops.attention_backward(d.dbuf3, a.qkv3, a.att3, a.att_lse, H, dqkv=d.dqkv3,
+                                   **drop.attention(l))  # the same probability masks
             ops.bias_backward(d.dqkv, g[h + "attn.c_attn.bias"])
             gemm.matmul_backward_weight(d.dqkv, a.ln1, g[h + "attn.c_attn.weight"])
             gemm.matmul_backward_input(d.dqkv, p[h + "attn.c_attn.weight"], dx=d.dbuf)
@@ -543,6 +653,8 @@ class GPT:
                                    dx=d.dtmp, dweight=g[h + "ln_1.weight"],
                                    dbias=g[h + "ln_1.bias"])
             ops.residual_forward(d.dres, d.dtmp, out=d.dres)        # d.dres = dL/d x_in
+        if drop:                        # x = dropout(wte[idx] + wpe[:T])
+            ops.dropout_backward(d.dres, *drop.site(0, DROP_EMBD), dx=d.dres)
         ops.encoder_backward(d.dres.reshape(v.B, v.T, -1), v.idx, g["wte"], g["wpe"])
 
     def zero_grad(self):
@@ -550,8 +662,8 @@ class GPT:
 
     # -- CUDA graphs --
 
-    def _run(self, key, fn):
-        """fn() eagerly, or (use_graph) through a CUDA graph captured for this key.
+    def _run(self, key, fn, graph=True):
+        """fn() eagerly, or (use_graph, and graph) through a CUDA graph captured for this key.
 
         Per key: the first call runs fn eagerly on the capture stream with a private memory
         pool (compiling CuPy kernels, creating cuBLAS state and filling the pool with the
@@ -560,7 +672,7 @@ class GPT:
         nothing outside the captures allocates from, so the addresses baked into a graph are
         never handed to other arrays. Graphs replay on the current stream, so they are ordered
         with the input copies before them and the optimizer after them."""
-        if not self.use_graph:
+        if not (self.use_graph and graph):
             fn()
             return
         cp = self.cp

@@ -598,29 +598,57 @@ def _attention_disjoint(op, outputs, inputs):
                 raise ValueError(f"{op}: arguments '{n1}' and '{n2}' overlap in memory")
 
 
-def attention_forward(qkv, n_head, out=None, lse=None, stream=None):
+def _attention_dropout(op, dropout_p, seed, offset):
+    """(p as the kernel's float32, seed, offset), checked before any array (as for dropout_*)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float, np.integer,
+                                                                 np.floating)):
+        raise TypeError(f"{op}: argument 'dropout_p' must be a number (the drop probability), "
+                        f"got {type(dropout_p).__name__}")
+    try:
+        x = float(dropout_p)
+    except OverflowError:
+        x = float("inf")
+    if not (0.0 <= x < 1.0 and float(np.float32(x)) < 1.0):
+        raise ValueError(f"{op}: argument 'dropout_p' must satisfy 0 <= dropout_p < 1 (also once "
+                         f"rounded to float32), got {dropout_p!r}")
+    return float(np.float32(x)), _dropout_u64(op, "seed", seed), _dropout_u64(op, "offset", offset)
+
+
+def attention_forward(qkv, n_head, out=None, lse=None, dropout_p=0.0, seed=0, offset=0,
+                      stream=None):
     """Causal multi-head self-attention (flash style, TF32 tensor cores, fp32 softmax).
 
     qkv: (B, T, 3C) = [q | k | v] along the last axis, head h at columns h*d .. h*d+d-1 of each
     part, d = C / n_head in {32, 64, 128}. Returns (out (B, T, C), lse (B, n_head, T) float32),
     lse being the natural-log logsumexp of each row of the scaled causal scores, which
-    attention_backward needs. Accuracy: ~1e-3 relative to float64 (inputs rounded to TF32)."""
+    attention_backward needs. Accuracy: ~1e-3 relative to float64 (inputs rounded to TF32).
+
+    dropout_p > 0 drops attention probabilities (GPT-2's attn_dropout): out = (M o P / (1 - p)) V
+    with P the softmax, lse still that of the undropped scores, and M the Philox keep mask of
+    stream (seed, offset) at element index ((b*H + h)*T + i)*T + j (i query, j key), i.e.
+    reference.attention_dropout_mask; it is not stored, so attention_backward must get the same
+    (dropout_p, seed, offset). Every attention call of every step needs its own (seed, offset).
+    dropout_p == 0 (the default) runs the kernels without any dropout code."""
     op = "attention_forward"
+    dropout_p, seed, offset = _attention_dropout(op, dropout_p, seed, offset)
     B, T, C, H = _attention_sizes(op, qkv, n_head)
     out = _out(op, "out", out, (B, T, C), qkv.dtype)
     lse = _out(op, "lse", lse, (B, H, T), np.float32)
     _attention_aligned(op, qkv=qkv, out=out, lse=lse)
     _attention_disjoint(op, dict(out=out, lse=lse), dict(qkv=qkv))
     extension().attention_forward(out.data.ptr, lse.data.ptr, qkv.data.ptr, B, T, C, H,
-                                  _code(qkv), _stream(stream))
+                                  _code(qkv), dropout_p, seed, offset, _stream(stream))
     return out, lse
 
 
-def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, stream=None):
+def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, dropout_p=0.0, seed=0, offset=0,
+                       stream=None):
     """Gradient of attention_forward: dqkv (B, T, 3C), laid out like qkv and fully overwritten.
-    `out` and `lse` are attention_forward's results for this qkv. Deterministic: the same bits
-    on every run (no atomics)."""
+    `out` and `lse` are attention_forward's results for this qkv, and dropout_p, seed, offset
+    must be the ones that forward got (the dropout mask is regenerated from them). Deterministic:
+    the same bits on every run (no atomics)."""
     op = "attention_backward"
+    dropout_p, seed, offset = _attention_dropout(op, dropout_p, seed, offset)
     _check_array(op, "dout", dout, ndim=3)
     B, T, C, H = _attention_sizes(op, qkv, n_head)
     _check_array(op, "dout", dout, shape=(B, T, C))
@@ -637,7 +665,8 @@ def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, stream=None):
     with (stream if stream is not None else cp.cuda.get_current_stream()):
         scratch = cp.empty(n_scratch, dtype=np.float32)
     ext.attention_backward(dqkv.data.ptr, scratch.data.ptr, dout.data.ptr, qkv.data.ptr,
-                           out.data.ptr, lse.data.ptr, B, T, C, H, _code(qkv), _stream(stream))
+                           out.data.ptr, lse.data.ptr, B, T, C, H, _code(qkv), dropout_p, seed,
+                           offset, _stream(stream))
     return dqkv
 
 

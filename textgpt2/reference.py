@@ -25,7 +25,7 @@ __all__ = [
     "bias_forward", "bias_backward", "gelu_forward", "gelu_backward",
     "cross_entropy_forward", "cross_entropy_backward", "attention_forward", "attention_backward",
     "global_norm", "clip_scale", "adamw_update",
-    "gpt_param_shapes", "gpt_init", "gpt_forward", "gpt_backward",
+    "gpt_param_shapes", "gpt_init", "gpt_forward", "gpt_backward", "gpt_dropout_offset",
 ]
 
 
@@ -334,16 +334,78 @@ def gpt_init(config, rng):
     return params
 
 
-def gpt_forward(params, idx, targets, config):
-    """GPT-2 forward.  x = wte[idx] + wpe[:T]; per layer
-        x = x + c_proj(attention(c_attn(ln_1(x))));  x = x + mlp.c_proj(gelu(c_fc(ln_2(x))));
+# Dropout sites of the model and the Philox offset of each (step, micro-step, layer, site):
+# the same formula as textgpt2.model.dropout_offset, written out here independently.
+GPT_DROP_ATTN, GPT_DROP_ATTN_PROJ, GPT_DROP_MLP, GPT_DROP_EMBD = 0, 1, 2, 3
+
+
+def gpt_dropout_offset(step, micro_step, layer, site):
+    """((step * 1024 + micro_step) * 256 + layer) * 4 + site; the embedding is layer 0's
+    GPT_DROP_EMBD site."""
+    if not (0 <= micro_step < 1024 and 0 <= layer < 256 and 0 <= site < 4 and step >= 0):
+        raise ValueError(f"dropout key out of range: step {step}, micro_step {micro_step}, "
+                         f"layer {layer}, site {site}")
+    return ((int(step) * 1024 + int(micro_step)) * 256 + int(layer)) * 4 + int(site)
+
+
+class _GptDropout:
+    """The masks of one training micro-step (p == 0: identities)."""
+
+    def __init__(self, p, seed, step, micro_step):
+        self.p, self.seed, self.step, self.micro_step = float(p), seed, step, micro_step
+
+    def offset(self, layer, site):
+        return gpt_dropout_offset(self.step, self.micro_step, layer, site)
+
+    def forward(self, x, layer, site):
+        if not self.p:
+            return x
+        mask = dropout_mask(self.seed, self.offset(layer, site), x.size, self.p)
+        return dropout_forward(x, mask.reshape(x.shape), self.p)
+
+    def backward(self, dout, layer, site):
+        if not self.p:
+            return dout
+        mask = dropout_mask(self.seed, self.offset(layer, site), dout.size, self.p)
+        return dropout_backward(dout, mask.reshape(dout.shape), self.p)
+
+    def _attention_ref(self, name):
+        fn = globals().get(name)
+        if fn is None:
+            raise NotImplementedError(f"reference.{name} (attention-probability dropout) is not "
+                                      "defined; gpt_forward/gpt_backward with dropout need it")
+        return fn
+
+    def attention_forward(self, qkv, n_head, layer):
+        if not self.p:
+            return attention_forward(qkv, n_head)[0]
+        out = self._attention_ref("attention_forward_dropout")(
+            qkv, n_head, self.p, self.seed, self.offset(layer, GPT_DROP_ATTN))
+        return out[0] if isinstance(out, tuple) else out
+
+    def attention_backward(self, dout, qkv, n_head, layer):
+        if not self.p:
+            return attention_backward(dout, qkv, n_head)
+        return self._attention_ref("attention_backward_dropout")(
+            dout, qkv, n_head, self.p, self.seed, self.offset(layer, GPT_DROP_ATTN))
+
+
+def gpt_forward(params, idx, targets, config, dropout=0.0, seed=0, step=0, micro_step=0):
+    """GPT-2 forward.  x = drop(wte[idx] + wpe[:T]); per layer
+        x = x + drop(c_proj(attention(c_attn(ln_1(x)))));
+        x = x + drop(mlp.c_proj(gelu(c_fc(ln_2(x)))));
     then ln_f, logits = x @ wte.T (B, T, Vp) (tied head), loss = mean cross-entropy over the
     B*T positions with V = vocab_size.  idx, targets (B, T) ints (targets may be None: loss None).
+    dropout = p > 0 also drops attention probabilities (attention_forward_dropout); every drop
+    uses dropout_mask(seed, gpt_dropout_offset(step, micro_step, layer, site), size, p), the
+    masks the CUDA model draws in the training forward with dropout_step=step. p = 0 (the
+    default): no dropout, evaluation.
     Returns (loss, cache); cache["logits"] holds the logits, the rest is for gpt_backward."""
     L, H, C, maxT, V, Vp = _cfg(config)
     P = {k: _f64(p) for k, p in params.items()}
     idx = _ids(idx, V, "idx")
-    x = encoder_forward(idx, P["wte"], P["wpe"])
+    drop = _GptDropout(_dropout_p(dropout), seed, step, micro_step)
+    x = drop.forward(encoder_forward(idx, P["wte"], P["wpe"]), 0, GPT_DROP_EMBD)
     layers = []
     for i in range(L):
         p = f"h.{i}."
@@ -351,19 +413,21 @@ def gpt_forward(params, idx, targets, config):
         c["ln1"], c["ln1_mean"], c["ln1_rstd"] = layernorm_forward(
             x, P[p + "ln_1.weight"], P[p + "ln_1.bias"])
         c["qkv"] = matmul_forward(c["ln1"], P[p + "attn.c_attn.weight"], P[p + "attn.c_attn.bias"])
-        c["att"], _ = attention_forward(c["qkv"], H)
-        x = x + matmul_forward(c["att"], P[p + "attn.c_proj.weight"], P[p + "attn.c_proj.bias"])
+        c["att"] = drop.attention_forward(c["qkv"], H, i)
+        x = x + drop.forward(matmul_forward(c["att"], P[p + "attn.c_proj.weight"],
+                                            P[p + "attn.c_proj.bias"]), i, GPT_DROP_ATTN_PROJ)
         c["x_mid"] = x
         c["ln2"], c["ln2_mean"], c["ln2_rstd"] = layernorm_forward(
             x, P[p + "ln_2.weight"], P[p + "ln_2.bias"])
         c["fc"] = matmul_forward(c["ln2"], P[p + "mlp.c_fc.weight"], P[p + "mlp.c_fc.bias"])
         c["gelu"] = gelu_forward(c["fc"])
-        x = x + matmul_forward(c["gelu"], P[p + "mlp.c_proj.weight"], P[p + "mlp.c_proj.bias"])
+        x = x + drop.forward(matmul_forward(c["gelu"], P[p + "mlp.c_proj.weight"],
+                                            P[p + "mlp.c_proj.bias"]), i, GPT_DROP_MLP)
         layers.append(c)
     lnf, lnf_mean, lnf_rstd = layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"])
     logits = matmul_forward(lnf, P["wte"])
     cache = {"idx": idx, "layers": layers, "x_final": x, "lnf": lnf, "lnf_mean": lnf_mean,
-             "lnf_rstd": lnf_rstd, "logits": logits, "targets": None}
+             "lnf_rstd": lnf_rstd, "logits": logits, "targets": None, "dropout": drop}
     if targets is None:
         return None, cache
     cache["targets"] = _ids(targets, V, "targets")
@@ -373,7 +437,8 @@ def gpt_forward(params, idx, targets, config):
 
 def gpt_backward(params, cache, config):
     """Gradient of gpt_forward's mean loss for every parameter ({name: array}, same shapes).
-    The layers are walked backward; each residual add passes dx unchanged to both branches.
+    The layers are walked backward; each residual add passes dx unchanged to both branches
+    (into a branch through its dropout mask, the forward's, kept in the cache).
     dwte gets the tied lm head's dlogits^T ln_f(x) plus the embedding gradient; its padded
     rows stay 0 because dlogits is 0 in the padded columns."""
     L, H, C, maxT, V, Vp = _cfg(config)
@@ -381,6 +446,7 @@ def gpt_backward(params, cache, config):
         raise ValueError("gpt_backward needs a forward pass that was given targets")
     P = {k: _f64(p) for k, p in params.items()}
     B, T = cache["idx"].shape
+    drop = cache.get("dropout") or _GptDropout(0.0, 0, 0, 0)
     grads = {}
     dlogits = cross_entropy_backward(cache["logits"].reshape(-1, Vp),
                                      cache["targets"].reshape(-1), V).reshape(B, T, Vp)
@@ -391,7 +457,7 @@ def gpt_backward(params, cache, config):
         p, c = f"h.{i}.", cache["layers"][i]
         # x = x_mid + mlp.c_proj(gelu(c_fc(ln_2(x_mid))))
         dgelu, grads[p + "mlp.c_proj.weight"], grads[p + "mlp.c_proj.bias"] = matmul_backward(
-            dx, c["gelu"], P[p + "mlp.c_proj.weight"])
+            drop.backward(dx, i, GPT_DROP_MLP), c["gelu"], P[p + "mlp.c_proj.weight"])
         dfc = gelu_backward(dgelu, c["fc"])
         dln2, grads[p + "mlp.c_fc.weight"], grads[p + "mlp.c_fc.bias"] = matmul_backward(
             dfc, c["ln2"], P[p + "mlp.c_fc.weight"])
@@ -400,13 +466,14 @@ def gpt_backward(params, cache, config):
         dx = dx + dx_ln2
         # x_mid = x + attn.c_proj(attention(c_attn(ln_1(x))))
         datt, grads[p + "attn.c_proj.weight"], grads[p + "attn.c_proj.bias"] = matmul_backward(
-            dx, c["att"], P[p + "attn.c_proj.weight"])
-        dqkv = attention_backward(datt, c["qkv"], H)
+            drop.backward(dx, i, GPT_DROP_ATTN_PROJ), c["att"], P[p + "attn.c_proj.weight"])
+        dqkv = drop.attention_backward(datt, c["qkv"], H, i)
         dln1, grads[p + "attn.c_attn.weight"], grads[p + "attn.c_attn.bias"] = matmul_backward(
             dqkv, c["ln1"], P[p + "attn.c_attn.weight"])
         dx_ln1, grads[p + "ln_1.weight"], grads[p + "ln_1.bias"] = layernorm_backward(
             dln1, c["x"], P[p + "ln_1.weight"], c["ln1_mean"], c["ln1_rstd"])
         dx = dx + dx_ln1
+    dx = drop.backward(dx, 0, GPT_DROP_EMBD)
     dwte_emb, grads["wpe"] = encoder_backward(dx, cache["idx"], Vp, maxT)
     grads["wte"] = dwte_head + dwte_emb
     return {name: grads[name] for name in gpt_param_shapes(config)}
@@ -527,3 +594,52 @@ def dropout_mask(seed, offset, n, p):
                           w32(seed), w32(seed >> 32))
     words = np.stack(np.broadcast_arrays(*words), axis=-1).reshape(-1)[:n]
     return words >= thr
+
+
+# ---- attention with dropout on the probabilities (csrc/attention.cu, dropout_p > 0) ----------
+
+__all__ += ["attention_dropout_mask", "attention_forward_dropout", "attention_backward_dropout"]
+
+
+def attention_dropout_mask(B, n_head, T, p, seed, offset):
+    """The keep mask (bool, (B, H, T, T), [b, h, i, j] for query i and key j) the attention
+    kernels draw: element index ((b*H + h)*T + i)*T + j of dropout_mask's stream (seed, offset),
+    i.e. dropout_mask(seed, offset, B*H*T*T, p) in C order. Entries with j > i exist too (the
+    causal mask makes them irrelevant)."""
+    return dropout_mask(seed, offset, B * n_head * T * T, p).reshape(B, n_head, T, T)
+
+
+def _attention_dropped(qkv, n_head, p, seed, offset):
+    """q, k, v, P (undropped softmax), lse, M (keep mask) and Pd = M * P * r, r = 1 / (1 - p)
+    with p rounded to float32 as the kernels see it."""
+    q, k, v = _split_heads(_f64(qkv), n_head)
+    P, lse = _attention_probs(q, k)
+    B, H, T = lse.shape
+    M = attention_dropout_mask(B, H, T, p, seed, offset)
+    r = 1.0 / (1.0 - np.float64(np.float32(_dropout_p(p))))
+    return q, k, v, P, lse, M, np.where(M, P * r, 0.0), r
+
+
+def attention_forward_dropout(qkv, n_head, p, seed, offset):
+    """attention_forward with dropout on the probabilities (GPT-2's attn_dropout): per head
+    out = (M o P r) v, r = 1 / (1 - p), M = attention_dropout_mask(...). lse stays the logsumexp
+    of the undropped scores (the softmax normalisation never sees the mask).
+    Returns (out (B, T, C), lse (B, H, T))."""
+    _, _, v, _, lse, _, Pd, _ = _attention_dropped(qkv, n_head, p, seed, offset)
+    return _merge_heads(Pd @ v), lse
+
+
+def attention_backward_dropout(dout, qkv, n_head, p, seed, offset):
+    """Gradient of attention_forward_dropout at its (fixed) mask. With Pd = M o P r, O = Pd v:
+    dv = Pd^T dO;  dPd = dO v^T;  dP = M o dPd r;  dS = P o (dP - D) with
+    D_i = sum_j P_ij dP_ij = dO_i . sum_j M_ij r P_ij v_j = dO_i . O_i (the dropped output);
+    dq = dS k / sqrt(d), dk = dS^T q / sqrt(d). Returns dqkv (B, T, 3C) laid out like qkv."""
+    q, k, v, P, _, M, Pd, r = _attention_dropped(qkv, n_head, p, seed, offset)
+    B, H, T, d = q.shape
+    do = _f64(dout).reshape(B, T, H, d).transpose(0, 2, 1, 3)
+    dv = Pd.swapaxes(-1, -2) @ do
+    dP = np.where(M, (do @ v.swapaxes(-1, -2)) * r, 0.0)
+    D = (do * (Pd @ v)).sum(axis=-1, keepdims=True)
+    ds = P * (dP - D) / math.sqrt(d)
+    dq, dk = ds @ k, ds.swapaxes(-1, -2) @ q
+    return np.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)

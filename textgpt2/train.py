@@ -13,7 +13,13 @@ The command runs in two halves:
 
 Resuming restores the model, AdamW's moments and step, the step counter and the data loader's
 random state, and takes every option not given on the command line from the checkpoint, so
-`--resume DIR` continues with the losses the uninterrupted run would have had.
+`--resume DIR` continues with the losses the uninterrupted run would have had. Dropout masks
+are keyed by (--seed, step, micro-batch), so they too continue as in the uninterrupted run.
+
+Small corpora: `--model small-corpus` is nanoGPT's shakespeare_char recipe (the compact model,
+6 layers, 6 heads, 384 wide, context 256; batch 64, lr 1e-3 cosine to 1e-4, warmup 100, AdamW
+betas 0.9/0.99, weight decay 0.1, clip 1.0, dropout 0.2) and accepts a corpus below 100 MiB.
+The bundled demo uses the same dropout 0.2; the 100 MiB path defaults to no dropout.
 """
 from __future__ import annotations
 
@@ -34,17 +40,24 @@ from textgpt2.data import CorpusError, DEMO_CORPUS
 
 # ---- defaults ----------------------------------------------------------------------------------
 
-MODEL_PRESETS = {"compact": "default", "gpt2": "gpt2"}     # CLI name -> GPTConfig.preset name
+# CLI name -> GPTConfig.preset name
+MODEL_PRESETS = {"compact": "default", "small-corpus": "default", "gpt2": "gpt2"}
 # Optimization defaults per preset: the compact model follows nanoGPT's small-corpus recipe
 # (batch 64 x 256, lr 1e-3 -> 1e-4, beta2 0.99), gpt2 follows GPT-2/nanoGPT's 124M recipe.
+# small-corpus is compact with nanoGPT's shakespeare_char dropout (0.2), for corpora far below
+# 100 MiB (it implies --allow-small-data): without dropout such a corpus is overfit.
 PRESET_TRAINING = {
-    "compact": {"batch_size": 64, "lr": 1e-3, "warmup": 100, "beta2": 0.99},
-    "gpt2": {"batch_size": 16, "lr": 6e-4, "warmup": 200, "beta2": 0.95},
+    "compact": {"batch_size": 64, "lr": 1e-3, "warmup": 100, "beta2": 0.99, "dropout": 0.0},
+    "small-corpus": {"batch_size": 64, "lr": 1e-3, "warmup": 100, "beta2": 0.99, "dropout": 0.2},
+    "gpt2": {"batch_size": 16, "lr": 6e-4, "warmup": 200, "beta2": 0.95, "dropout": 0.0},
 }
+SMALL_CORPUS_PRESETS = ("small-corpus",)       # presets that accept a corpus below 100 MiB
 DEFAULT_STEPS = 5000
 DEFAULT_EVAL_EVERY = 250
 # The bundled demo: a brief run that still shows the loss falling and readable-ish text.
-DEMO = {"steps": 1000, "eval_every": 200, "generate": 500}
+DEMO = {"steps": 1000, "eval_every": 200, "generate": 500, "dropout": 0.2}
+# dropout keys: a fine-tuning pass draws its masks from steps this far on, not the main pass's
+FINETUNE_DROPOUT_STEP = 2**40
 DEFAULT_GENERATE = 200
 
 # Dense TF32 tensor-core peaks (FLOP/s) for MFU; GPUs not listed get no MFU figure.
@@ -222,6 +235,8 @@ def _resolve_numbers(ctx, a, demo):
             r["finetune_lr"] = r["lr"] / 10
     if r["generate"] is None:
         r["generate"] = DEMO["generate"] if demo else DEFAULT_GENERATE
+    if r["dropout"] is None:
+        r["dropout"] = DEMO["dropout"] if demo else p["dropout"]
     return r
 
 
@@ -247,7 +262,8 @@ def _load_tokenizer(a):
 def _read_corpus(label, path, tok, a, r, demo, progress):
     try:
         td = data_mod.load_tokens(path, tok, max_chars=a["max_chars"],
-                                  allow_small_data=a["allow_small_data"] or demo,
+                                  allow_small_data=(a["allow_small_data"] or demo
+                                                    or a["model"] in SMALL_CORPUS_PRESETS),
                                   progress=progress)
     except CorpusError as e:
         raise click.ClickException(f"{label}: {e}")
@@ -262,7 +278,7 @@ def _read_corpus(label, path, tok, a, r, demo, progress):
 def _config_message(e) -> str:
     """GPTConfig's ValueError in the CLI's terms (--n-embd rather than 'n_embd')."""
     msg = str(e).replace("GPTConfig: ", "model: ")
-    for k in ("n_layer", "n_head", "n_embd", "block_size"):
+    for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout"):
         msg = msg.replace(f"'{k}'", _opt(k))
     return msg
 
@@ -314,6 +330,10 @@ def prepare(ctx, opts) -> Plan:
     try:
         if ckpt is not None:
             config = GPTConfig.from_dict(ckpt.model_config)
+            # dropout is a training setting, not architecture: --dropout may change it
+            if a["dropout"] is None:
+                a["dropout"] = config.dropout
+            config = GPTConfig.from_dict({**config.to_dict(), "dropout": a["dropout"]})
         else:
             config = GPTConfig.preset(MODEL_PRESETS[a["model"]],
                                       **{k: a[k] for k in ("n_layer", "n_head", "n_embd",
@@ -323,6 +343,10 @@ def prepare(ctx, opts) -> Plan:
     for k in ("n_layer", "n_head", "n_embd", "block_size"):
         a[k] = int(getattr(config, k))
     r = _resolve_numbers(ctx, a, demo)
+    a["dropout"] = r["dropout"]                  # saved with the run's options
+    if r["dropout"] > 0 and r["grad_accum"] > 1024:
+        raise click.UsageError(f"--grad-accum {r['grad_accum']} with dropout {r['dropout']:g}: at "
+                               "most 1024 micro-batches a step get their own dropout masks")
     if ckpt is not None and phase == "main" and step > r["steps"]:
         raise click.UsageError(f"--steps {r['steps']} is below the checkpoint's step {step}; "
                                "give a larger --steps to continue training")
@@ -381,8 +405,8 @@ def prepare(ctx, opts) -> Plan:
 
     if ckpt is None:
         try:
-            # (issue 6: --dropout will become a GPTConfig field passed here)
             config = GPTConfig.preset(MODEL_PRESETS[a["model"]], vocab_size=vocab_size,
+                                      dropout=r["dropout"],
                                       **{k: a[k] for k in ("n_layer", "n_head", "n_embd",
                                                            "block_size")})
         except ValueError as e:
@@ -496,7 +520,7 @@ def _describe(plan: Plan, model, device_name, peak):
     echo(f"batch: {rep['batch_size']} x {c.block_size} tokens x {rep['grad_accum']} accumulation "
          f"= {tpe:,} tokens a step; lr {rep['lr']:g} -> {rep['min_lr']:g} (warmup "
          f"{rep['warmup']}, cosine over {rep['lr_decay_steps']} steps), weight decay "
-         f"{rep['weight_decay']:g}, clip {rep['grad_clip']:g}")
+         f"{rep['weight_decay']:g}, clip {rep['grad_clip']:g}, dropout {c.dropout:g}")
     echo(f"device: {device_name or 'unknown GPU'}"
          + (f" (MFU against {peak / 1e12:.1f} TFLOP/s TF32)" if peak else " (no MFU: peak unknown)"))
 
@@ -555,6 +579,9 @@ def run_phase(plan: Plan, backend, model, reporter, phase: str, corpus: Corpus, 
         start = int(resume_state["step"])
     accum = r["grad_accum"]
     tokens_per_step = r["batch_size"] * c.block_size * accum
+    # dropout masks are keyed by the step, so a resumed run draws the uninterrupted run's
+    drop_base = 0 if main else FINETUNE_DROPOUT_STEP
+    dropping = getattr(c, "dropout", 0.0) > 0
     has_val = r["val_fraction"] > 0 and len(corpus.val) > c.block_size
     elapsed = elapsed0              # wall-clock seconds of training (evals, saves included)
     t_start = time.perf_counter()
@@ -568,10 +595,13 @@ def run_phase(plan: Plan, backend, model, reporter, phase: str, corpus: Corpus, 
             lr = lr_schedule(step, decay, lr_peak, lr_min, warmup)
             model.zero_grad()
             loss = 0.0
-            for _ in range(accum):
+            for micro in range(accum):
                 x, y = loader.next_batch()         # NumPy int32; the model copies them in
-                # the gradient of the mean loss over all accum micro-batches
-                loss += float(model.forward(x, y, loss_scale=1.0 / (x.size * accum)))
+                # the gradient of the mean loss over all accum micro-batches; a training
+                # forward (dropout_step given) drops, the evaluation's never do
+                keys = ({"dropout_step": drop_base + step, "micro_step": micro} if dropping
+                        else {})
+                loss += float(model.forward(x, y, loss_scale=1.0 / (x.size * accum), **keys))
                 model.backward()
             gnorm = backend.grad_norm(opt.step(lr))
             loss /= accum
@@ -726,13 +756,23 @@ _POS_F = click.FloatRange(min=0.0, min_open=True)
 @click.option("--model", type=click.Choice(list(MODEL_PRESETS)), default="compact",
               show_default=True,
               help="Model preset: compact (6 layers, 6 heads, 384 wide, context 256; trains in "
-                   "minutes) or gpt2 (GPT-2 124M: 12 layers, 12 heads, 768 wide, context 1024).")
+                   "minutes), small-corpus (the compact model with nanoGPT's shakespeare_char "
+                   "recipe for corpora of a few MB: batch 64, lr 1e-3 -> 1e-4, warmup 100, "
+                   "betas 0.9/0.99, weight decay 0.1, clip 1.0, dropout 0.2; implies "
+                   "--allow-small-data) or gpt2 (GPT-2 124M: 12 layers, 12 heads, 768 wide, "
+                   "context 1024).")
 @click.option("--n-layer", type=_POS, default=None, help="Override the preset's number of layers.")
 @click.option("--n-head", type=_POS, default=None, help="Override the preset's attention heads.")
 @click.option("--n-embd", type=_POS, default=None,
               help="Override the preset's width (a multiple of --n-head).")
 @click.option("--block-size", type=_POS, default=None,
               help="Override the preset's context length in tokens.")
+@click.option("--dropout", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=None,
+              help="Dropout probability in training (on the embeddings, the attention "
+                   "probabilities and the attention and MLP outputs; never in evaluation or "
+                   "generation). Masks are keyed by --seed and the step, so runs and resumes "
+                   "are exact. [default: 0; 0.2 for the demo and --model small-corpus; on "
+                   "--resume the checkpoint's]")
 # optimization
 @click.option("--steps", type=_POS, default=None,
               help=f"Optimizer steps [default: {DEFAULT_STEPS}; {DEMO['steps']} for the demo].")
