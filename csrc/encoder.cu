@@ -5,28 +5,21 @@
 //   row it was gathered from:  dwte[v] += sum of dout[b,t] over the (b,t) with idx[b,t] == v,
 //   dwpe[t] += sum over b of dout[b,t].
 //
-// The backward must give the same bits on every run, so there are no float atomics: every row's
-// sum is taken in one fixed order.
-//   dwpe: one thread per (t, channel vector) adds dout[0,t], dout[1,t], ... in b order. This pass
-//     reads all of dout, in position order.
-//   dwte: the positions are listed sorted by (token id, position) by a stable LSD radix sort of
-//     the ids (8-bit digits, two passes for a 50k vocabulary). Integer work only: each warp ranks
-//     its chunk of ids with __match_any_sync, one exclusive scan over the (digit, chunk) counts
-//     gives every chunk its offsets, a scatter writes the permutation. Out-of-range ids get the
-//     key V, which sorts last and is skipped (their rows reach dwpe only).
-//     For B*T <= kSortMax (16384) one block does the whole sort (its 32 warps are the chunks; the
-//     data stays in L2 between passes) as block 0 of the dwpe launch: it runs on one SM while the
-//     others stream dout, so the sort adds no launch and almost no time. Larger B*T (or key bits
-//     + position bits over 32) take a rank / scan / scatter launch triple per pass before it.
-//     The sorted list is then cut into tiles of kTile entries. A block per tile sums each run of
-//     equal keys in list order; a run that lies inside the tile is added to its dwte row directly
-//     (no other block touches that row), a run that crosses a tile boundary leaves one partial sum
-//     per tile in scratch. A last kernel adds each crossing run's partials in tile order. So a
-//     frequent token (or all ids equal) is spread over many blocks instead of serialized in one.
-// Cost at B=16, T=1024, C=768 (uniform ids, ~14k distinct): dout is read twice, 50 MB in position
-// order and 50 MB gathered in token order, plus 86 MB for the touched dwte rows (read + write),
-// in three launches. The token-order pass marks its own traffic evict-first, so whatever of dout
-// the position-order pass left in L2 can serve its gathers.
+// The backward must give the same bits on every run, so there are no float atomics: the
+// (position, row) pairs are put into one fixed order and every row's sum is taken in that order.
+//   1. A stable LSD radix sort of the token ids (8-bit digits, two passes for a 50k vocabulary)
+//      lists the positions sorted by (token id, position). Integer work only: each warp ranks its
+//      chunk of ids with __match_any_sync, one exclusive scan over the (digit, chunk) counts gives
+//      every chunk its offsets, a scatter writes the permutation. Out-of-range ids get the key V,
+//      which sorts last and is skipped (their rows reach no dwte row).
+//   2. The dwpe half needs no sort: position-major order (t, then b) is already grouped by t.
+//      The two halves form one list of 2N entries whose keys ascend (token ids 0..V-1, V for
+//      skipped ids, then V+1+t), so one pair of kernels reduces both.
+//   3. The list is cut into tiles of kTile entries. A block per tile sums each run of equal keys
+//      in list order; a run that lies inside the tile is added to its gradient row directly (no
+//      other block touches that row), a run that crosses a tile boundary leaves one partial sum
+//      per tile in scratch. A second kernel adds each crossing run's partials in tile order. So a
+//      frequent token (or all ids equal) is spread over many blocks instead of serialized in one.
 
 #include <algorithm>
 #include <cstring>
@@ -38,13 +31,11 @@ namespace {
 
 // ---- vector access -------------------------------------------------------------------------
 // VEC consecutive values of storage type T as floats; one 16-byte access when VEC*sizeof(T) is
-// 16 (the launcher has checked the alignment), else VEC scalar accesses. kStream marks a 16-byte
-// access evict-first (data touched once), so it does not push reusable lines out of L2.
-template <typename T, int VEC, bool kStream = false>
+// 16 (the launcher has checked the alignment), else VEC scalar accesses.
+template <typename T, int VEC>
 __device__ __forceinline__ void load_vec(float (&dst)[VEC], const T* src) {
     if constexpr (VEC * sizeof(T) == 16) {
-        const uint4* p = reinterpret_cast<const uint4*>(src);
-        const uint4 raw = kStream ? __ldcs(p) : *p;
+        const uint4 raw = *reinterpret_cast<const uint4*>(src);
         T v[VEC];
         memcpy(v, &raw, 16);
 #pragma unroll
@@ -54,7 +45,7 @@ __device__ __forceinline__ void load_vec(float (&dst)[VEC], const T* src) {
         for (int k = 0; k < VEC; k++) dst[k] = load_f(src + k);
     }
 }
-template <typename T, int VEC, bool kStream = false>
+template <typename T, int VEC>
 __device__ __forceinline__ void store_vec(T* dst, const float (&src)[VEC]) {
     if constexpr (VEC * sizeof(T) == 16) {
         T v[VEC];
@@ -62,10 +53,7 @@ __device__ __forceinline__ void store_vec(T* dst, const float (&src)[VEC]) {
         for (int k = 0; k < VEC; k++) v[k] = StorageTraits<T>::from_float(src[k]);
         uint4 raw;
         memcpy(&raw, v, 16);
-        if constexpr (kStream)
-            __stcs(reinterpret_cast<uint4*>(dst), raw);
-        else
-            *reinterpret_cast<uint4*>(dst) = raw;
+        *reinterpret_cast<uint4*>(dst) = raw;
     } else {
 #pragma unroll
         for (int k = 0; k < VEC; k++) store_f(dst + k, src[k]);
@@ -125,8 +113,7 @@ __global__ void encoder_forward_kernel(T* __restrict__ out, const int* __restric
     store_vec<T, VEC>(out + (long long)n * C + c, r);
 }
 
-
-// ---- backward: the radix sort of the token ids ---------------------------------------------
+// ---- backward, step 1: stable radix sort of the token ids ----------------------------------
 constexpr int kMaxBins = 256;   // 8-bit digits
 constexpr int kRankWarps = 4;   // warps (= chunks) per rank block
 constexpr int kMinRounds = 16;  // a chunk is rounds*32 ids
@@ -135,51 +122,18 @@ constexpr int kBatch = 8;       // ids a warp loads before ranking them (latency
 
 __device__ __forceinline__ int token_key(int id, int V) { return (id >= 0 && id < V) ? id : V; }
 
-// In-place exclusive scan of data[0, n) by the whole block (blockDim.x a multiple of 32, at most
-// 1024); warp_total: 32 ints of shared memory. Every thread scans one contiguous range, so a
-// digit-major (digit, chunk) table becomes every chunk's first output slot for every digit.
-// The caller synchronizes the block before (data ready) and after (data read by others).
-__device__ void block_exclusive_scan(int* data, int n, int* warp_total) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-    const int per = (n + blockDim.x - 1) / blockDim.x;
-    const int begin = min((int)threadIdx.x * per, n), end = min(begin + per, n);
-    int sum = 0;
-    for (int i = begin; i < end; i++) sum += data[i];
-    int incl = sum;
-    for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(kFullMask, incl, o);
-        if (lane >= o) incl += y;
-    }
-    if (lane == 31) warp_total[warp] = incl;
-    __syncthreads();
-    if (warp == 0) {
-        int t = lane < nwarps ? warp_total[lane] : 0;
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(kFullMask, t, o);
-            if (lane >= o) t += y;
-        }
-        warp_total[lane] = t;
-    }
-    __syncthreads();
-    int running = (warp > 0 ? warp_total[warp - 1] : 0) + incl - sum;
-    for (int i = begin; i < end; i++) {
-        const int v = data[i];
-        data[i] = running;
-        running += v;
-    }
-}
-
-// -- multi-launch sort (B*T > kSortMax) --
 // Warp w ranks chunk w: rank[i] = number of earlier ids in the chunk with the same digit (ids
 // taken in position order, 32 per round), table[d * nchunks + chunk] = count of digit d.
-// keys_in == nullptr on the first pass: keys come from idx (out-of-range ids -> V).
+// keys_in == nullptr on the first pass: keys come from idx (out-of-range ids -> V); that pass
+// also zeroes the owner counter the reduction uses.
 __global__ void __launch_bounds__(kRankWarps * 32)
-radix_rank_kernel(int* __restrict__ rank, int* __restrict__ table, const int* __restrict__ idx,
-                  const int* __restrict__ keys_in, int N, int V, int shift, int mask, int rounds,
-                  int nchunks) {
+radix_rank_kernel(int* __restrict__ rank, int* __restrict__ table, int* __restrict__ owner_count,
+                  const int* __restrict__ idx, const int* __restrict__ keys_in, int N, int V,
+                  int shift, int mask, int rounds, int nchunks) {
     __shared__ int hist[kRankWarps][kMaxBins + 1];  // last bin: lanes past N
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int chunk = blockIdx.x * kRankWarps + warp;
+    if (owner_count != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *owner_count = 0;
     if (chunk >= nchunks) return;  // whole warp
     int* h = hist[warp];
     for (int d = lane; d <= kMaxBins; d += 32) h[d] = 0;
@@ -212,9 +166,37 @@ radix_rank_kernel(int* __restrict__ rank, int* __restrict__ table, const int* __
     for (int d = lane; d <= mask; d += 32) table[d * nchunks + chunk] = h[d];
 }
 
+// In-place exclusive scan of n ints by one block (digit-major table: every (digit, chunk) cell
+// becomes the first output slot of that chunk's ids with that digit).
 __global__ void __launch_bounds__(1024) exclusive_scan_kernel(int* __restrict__ data, int n) {
     __shared__ int warp_total[32];
-    block_exclusive_scan(data, n, warp_total);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    const int per = (n + blockDim.x - 1) / blockDim.x;
+    const int begin = min((int)threadIdx.x * per, n), end = min(begin + per, n);
+    int sum = 0;
+    for (int i = begin; i < end; i++) sum += data[i];
+    int incl = sum;
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(kFullMask, incl, o);
+        if (lane >= o) incl += y;
+    }
+    if (lane == 31) warp_total[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        int t = lane < nwarps ? warp_total[lane] : 0;
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(kFullMask, t, o);
+            if (lane >= o) t += y;
+        }
+        warp_total[lane] = t;
+    }
+    __syncthreads();
+    int running = (warp > 0 ? warp_total[warp - 1] : 0) + incl - sum;
+    for (int i = begin; i < end; i++) {
+        const int v = data[i];
+        data[i] = running;
+        running += v;
+    }
 }
 
 __global__ void radix_scatter_kernel(int* __restrict__ keys_out, int* __restrict__ vals_out,
@@ -231,156 +213,29 @@ __global__ void radix_scatter_kernel(int* __restrict__ keys_out, int* __restrict
     vals_out[dst] = val;
 }
 
-// -- one-block sort (B*T <= kSortMax) --
-// The same algorithm with the block's warps as the chunks and __syncthreads in place of launch
-// boundaries. An entry is one word, key << nb | position (nb bits hold any position; the
-// launcher checks key bits + nb <= 32), kept in registers while it is ranked; between passes the
-// words wait in a global buffer that only this block touches (L2-resident, 64 KB at most).
-constexpr int kSortThreads = 1024;
-constexpr int kSortWarps = kSortThreads / 32;
-constexpr int kSortRounds = 16;                          // a warp ranks 16 rounds of 32 ids
-constexpr int kSortMax = kSortWarps * kSortRounds * 32;  // 16384 ids
-
-struct BlockSortArgs {
-    int* keys_out;  // the sorted list: token keys, and their positions in vals_out
-    int* vals_out;
-    unsigned* buf;  // N words between passes; no __restrict__/const: written and read back
-    const int* idx;
-    int N;  // 0: no sort in this launch
-    int V, nb, passes, digit_bits;
-};
-
-__device__ void sort_ids_one_block(const BlockSortArgs& a, int* hist, int* warp_total) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const unsigned lanes_below = (1u << lane) - 1u;
-    const int mask = (1 << a.digit_bits) - 1;
-    const unsigned pos_mask = (1u << a.nb) - 1u;  // nb <= 14
-    const int first = warp * kSortRounds * 32;      // this warp's chunk
-    for (int pass = 0; pass < a.passes; pass++) {
-        const int shift = a.nb + pass * a.digit_bits;
-        // hist[digit * kSortWarps + warp]: digit-major, so the scan orders by (digit, chunk).
-        // Row kMaxBins counts lanes past N and is left out of the scan.
-        for (int d = threadIdx.x; d < (kMaxBins + 1) * kSortWarps; d += blockDim.x) hist[d] = 0;
-        unsigned word[kSortRounds];
-#pragma unroll
-        for (int u = 0; u < kSortRounds; u++) {
-            const int i = first + u * 32 + lane;
-            word[u] = 0u;
-            if (i < a.N)
-                word[u] = pass == 0 ? ((unsigned)token_key(a.idx[i], a.V) << a.nb) | (unsigned)i
-                                    : a.buf[i];
-        }
-        __syncthreads();  // hist zeroed
-        int rank[kSortRounds];
-#pragma unroll
-        for (int u = 0; u < kSortRounds; u++) {
-            rank[u] = 0;
-            if (first + u * 32 < a.N) {  // warp-uniform
-                const int i = first + u * 32 + lane;
-                const int digit = i < a.N ? (int)((word[u] >> shift) & mask) : kMaxBins;
-                const unsigned peers = __match_any_sync(kFullMask, digit);
-                int* h = hist + digit * kSortWarps + warp;
-                rank[u] = *h + __popc(peers & lanes_below);
-                __syncwarp();
-                if (lane == 31 - __clz(peers)) *h += __popc(peers);  // one writer per digit
-                __syncwarp();
-            }
-        }
-        __syncthreads();  // every warp's counts are in
-        block_exclusive_scan(hist, (mask + 1) * kSortWarps, warp_total);
-        __syncthreads();  // offsets visible to all
-        const bool last = pass == a.passes - 1;
-#pragma unroll
-        for (int u = 0; u < kSortRounds; u++) {
-            const int i = first + u * 32 + lane;
-            if (i < a.N) {
-                const int digit = (int)((word[u] >> shift) & mask);
-                const int dst = hist[digit * kSortWarps + warp] + rank[u];
-                if (last) {
-                    a.keys_out[dst] = (int)(word[u] >> a.nb);
-                    a.vals_out[dst] = (int)(word[u] & pos_mask);
-                } else {
-                    a.buf[dst] = word[u];
-                }
-            }
-        }
-        // buf is complete before the next pass reads it, and hist is read before it is zeroed
-        __syncthreads();
-    }
-}
-
-// ---- backward: dwpe (block 0 may sort instead) ---------------------------------------------
-constexpr int kAhead = 8;  // dout rows a thread loads before adding them up
-
-// Grid-stride over (t, channel vector) items, consecutive threads on consecutive channels.
-// Block 0, thread 0 also zeroes the owner counter of the tile kernel that follows.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kSortThreads)
-encoder_dwpe_kernel(T* __restrict__ dwpe, int* __restrict__ owner_count,
-                    const T* __restrict__ dout, BlockSortArgs sort, int B, int seq_len, int C) {
-    __shared__ int hist[(kMaxBins + 1) * kSortWarps];
-    __shared__ int warp_total[32];
-    int block = blockIdx.x, nblocks = gridDim.x;
-    if (blockIdx.x == 0 && threadIdx.x == 0) *owner_count = 0;
-    if (sort.N > 0) {
-        if (blockIdx.x == 0) {
-            sort_ids_one_block(sort, hist, warp_total);
-            return;
-        }
-        block -= 1;
-        nblocks -= 1;
-    }
-    const int cv = C / VEC;
-    const long long items = (long long)seq_len * cv;
-    const long long bstride = (long long)seq_len * C;  // from dout[b, t] to dout[b + 1, t]
-    for (long long e = (long long)block * blockDim.x + threadIdx.x; e < items;
-         e += (long long)nblocks * blockDim.x) {
-        const int t = (int)(e / cv);
-        const int c = (int)(e % cv) * VEC;
-        const T* src = dout + (long long)t * C + c;
-        float acc[VEC];
-#pragma unroll
-        for (int k = 0; k < VEC; k++) acc[k] = 0.0f;
-        for (int b0 = 0; b0 < B; b0 += kAhead) {
-            float g[kAhead][VEC];
-#pragma unroll
-            for (int u = 0; u < kAhead; u++) {
-                if (b0 + u < B) {
-                    load_vec<T, VEC>(g[u], src + (b0 + u) * bstride);
-                } else {
-#pragma unroll
-                    for (int k = 0; k < VEC; k++) g[u][k] = 0.0f;
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < kAhead; u++) {
-                if (b0 + u >= B) break;
-#pragma unroll
-                for (int k = 0; k < VEC; k++) acc[k] += g[u][k];
-            }
-        }
-        T* row = dwpe + (long long)t * C + c;
-        float r[VEC];
-        load_vec<T, VEC>(r, row);
-#pragma unroll
-        for (int k = 0; k < VEC; k++) r[k] += acc[k];
-        store_vec<T, VEC>(row, r);
-    }
-}
-
-// ---- backward: dwte run sums over the sorted list ------------------------------------------
+// ---- backward, steps 2-3: run sums over the combined list ----------------------------------
 constexpr int kTile = 32;     // list entries per tile
+constexpr int kAhead = 8;     // dout rows a thread loads before adding them up
 constexpr int kRunWarps = 8;  // warps sharing one crossing run's partials
 constexpr int kRunBlocks = 128;
 
-// Entry k: the k-th (token key, position) pair of the sort. Keys ascend; key V marks ids that
-// reach no dwte row.
+// Entry k < N: the k-th (token id, position) pair of the sort, key = token id (V: skipped).
+// Entry N + t*B + b: position (b, t) with key V + 1 + t. Keys ascend along the list.
 struct EntryList {
     const int* keys;
     const int* vals;
-    int N, V;
-    // First index after k whose key differs from keys[k]; warp-cooperative (all 32 lanes call it).
+    int N, B, seq_len, V;
+    __device__ __forceinline__ int key(int k) const {
+        return k < N ? keys[k] : V + 1 + (k - N) / B;
+    }
+    __device__ __forceinline__ int pos(int k) const {
+        if (k < N) return vals[k];
+        const int j = k - N;
+        return (j % B) * seq_len + j / B;
+    }
+    // First index after k whose key differs from key(k); warp-cooperative (all 32 lanes call it).
     __device__ int run_end(int k, int lane) const {
+        if (k >= N) return N + ((k - N) / B + 1) * B;
         const int key0 = keys[k];
         // Upper bound of key0 in keys[lo, hi) by a 32-way search: each round the lanes probe 32
         // evenly spaced entries and the first probe past key0 narrows the range ~32-fold.
@@ -400,24 +255,29 @@ struct EntryList {
     }
 };
 
+template <typename T>
+__device__ __forceinline__ T* grad_row(T* dwte, T* dwpe, int key, int V, int C) {
+    return key < V ? dwte + (long long)key * C : dwpe + (long long)(key - V - 1) * C;
+}
+
 // One block per tile (blockIdx.y: channel slice). Partial slots: 2*tile holds the tile's share of
 // a run that began in an earlier tile ("head"), 2*tile+1 the share of a run that begins here and
 // goes on into the next tile ("tail"); the tile that holds a run's tail registers as its owner.
-// dout rows and dwte rows are touched once here: evict-first.
 template <typename T, int VEC>
-__global__ void encoder_tile_sum_kernel(T* __restrict__ dwte, float* __restrict__ partials,
-                                        int* __restrict__ owners, int* __restrict__ owner_count,
-                                        const T* __restrict__ dout, EntryList list, int C) {
+__global__ void encoder_tile_sum_kernel(T* __restrict__ dwte, T* __restrict__ dwpe,
+                                        float* __restrict__ partials, int* __restrict__ owners,
+                                        int* __restrict__ owner_count, const T* __restrict__ dout,
+                                        EntryList list, int C) {
     __shared__ int skey[kTile + 2];  // [0]: entry before the tile, [n+1]: entry after (-1: none)
     __shared__ int spos[kTile];
-    const int L = list.N;
+    const int L = 2 * list.N;
     const int tile = blockIdx.x;
     const int k0 = tile * kTile;
     const int n = min(kTile, L - k0);
     for (int j = threadIdx.x; j < n + 2; j += blockDim.x) {
         const int k = k0 - 1 + j;
-        skey[j] = (k >= 0 && k < L) ? list.keys[k] : -1;
-        if (j >= 1 && j <= n) spos[j - 1] = list.vals[k];
+        skey[j] = (k >= 0 && k < L) ? list.key(k) : -1;
+        if (j >= 1 && j <= n) spos[j - 1] = list.pos(k);
     }
     __syncthreads();
     const int V = list.V;
@@ -443,10 +303,10 @@ __global__ void encoder_tile_sum_kernel(T* __restrict__ dwte, float* __restrict_
             if (j < n) {
                 const int key = skey[j + 1];
                 if (key != V) {
-                    load_vec<T, VEC, true>(g[u], dout + (long long)spos[j] * C + c);
+                    load_vec<T, VEC>(g[u], dout + (long long)spos[j] * C + c);
                     // a run that starts and ends in this tile is added to its row right here
                     if (skey[j + 2] != key && key != prev_key)
-                        load_vec<T, VEC, true>(w[u], dwte + (long long)key * C + c);
+                        load_vec<T, VEC>(w[u], grad_row(dwte, dwpe, key, V, C) + c);
                 }
             }
         }
@@ -468,7 +328,7 @@ __global__ void encoder_tile_sum_kernel(T* __restrict__ dwte, float* __restrict_
                 float r[VEC];
 #pragma unroll
                 for (int k = 0; k < VEC; k++) r[k] = w[u][k] + acc[k];
-                store_vec<T, VEC, true>(dwte + (long long)key * C + c, r);
+                store_vec<T, VEC>(grad_row(dwte, dwpe, key, V, C) + c, r);
             }
 #pragma unroll
             for (int k = 0; k < VEC; k++) acc[k] = 0.0f;
@@ -481,9 +341,9 @@ __global__ void encoder_tile_sum_kernel(T* __restrict__ dwte, float* __restrict_
 // contiguous ranges, one per warp, and the warp sums are added in warp order: fixed order.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kRunWarps * 32)
-encoder_run_sum_kernel(T* __restrict__ dwte, const float* __restrict__ partials,
-                       const int* __restrict__ owners, const int* __restrict__ owner_count,
-                       EntryList list, int C) {
+encoder_run_sum_kernel(T* __restrict__ dwte, T* __restrict__ dwpe,
+                       const float* __restrict__ partials, const int* __restrict__ owners,
+                       const int* __restrict__ owner_count, EntryList list, int C) {
     __shared__ float red[kRunWarps][32 * VEC];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int c = (blockIdx.y * 32 + lane) * VEC;
@@ -491,7 +351,7 @@ encoder_run_sum_kernel(T* __restrict__ dwte, const float* __restrict__ partials,
     for (int o = blockIdx.x; o < count; o += gridDim.x) {
         const int tile = owners[o];
         const int k_last = (tile + 1) * kTile - 1;  // an owner tile is full: its run goes on
-        const int key = list.keys[k_last];
+        const int key = list.key(k_last);
         const int end = list.run_end(k_last, lane);
         const int nslots = (end - 1) / kTile - tile + 1;
         const int s0 = (int)((long long)warp * nslots / kRunWarps);
@@ -513,7 +373,7 @@ encoder_run_sum_kernel(T* __restrict__ dwte, const float* __restrict__ partials,
         for (int k = 0; k < VEC; k++) red[warp][lane * VEC + k] = s[k];
         __syncthreads();
         if (warp == 0 && c < C) {
-            T* row = dwte + (long long)key * C + c;
+            T* row = grad_row(dwte, dwpe, key, list.V, C) + c;
             float r[VEC];
             load_vec<T, VEC>(r, row);
             float tot[VEC];
@@ -533,8 +393,7 @@ encoder_run_sum_kernel(T* __restrict__ dwte, const float* __restrict__ partials,
 
 // ---- scratch layout (int32 elements) -------------------------------------------------------
 struct EncoderPlan {
-    int N, rounds, nchunks, ntiles, bits, passes, digit_bits, nb;
-    bool block_sort;  // one-block sort inside the dwpe launch
+    int N, rounds, nchunks, ntiles, bits, passes, digit_bits;
     long long keys_a, vals_a, keys_b, vals_b, rank, table, owner_count, owners, partials, total;
 };
 
@@ -544,7 +403,7 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
     if (B <= 0 || T <= 0 || C <= 0 || V <= 0)
         throw std::invalid_argument(std::string(op) + ": B, T, C, V must be positive");
     const long long N = (long long)B * T;
-    // Positions and keys up to V + T are held in int.
+    // The combined list has 2N entries and keys up to V + T, both held in int.
     if (N > (1LL << 30) || (long long)V + T >= (1LL << 31) - 1)
         throw std::invalid_argument(std::string(op) +
                                     ": B*T must be at most 2^30 and V + T below 2^31 - 1");
@@ -553,12 +412,10 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
     p.rounds = (int)std::max<long long>(kMinRounds, (N + 32LL * kMaxChunks - 1) /
                                                         (32LL * kMaxChunks));
     p.nchunks = (int)((N + 32LL * p.rounds - 1) / (32LL * p.rounds));
-    p.ntiles = (int)((N + kTile - 1) / kTile);
+    p.ntiles = (int)((2 * N + kTile - 1) / kTile);
     p.bits = 32 - __builtin_clz((unsigned)V);  // keys are 0..V
     p.passes = (p.bits + 7) / 8;
     p.digit_bits = (p.bits + p.passes - 1) / p.passes;
-    p.nb = N > 1 ? 32 - __builtin_clz((unsigned)(N - 1)) : 0;  // bits of a position
-    p.block_sort = N <= kSortMax && p.bits + p.nb <= 32;
     long long off = 0;
     auto take = [&](long long n) {  // 256-byte aligned regions
         const long long o = off;
@@ -567,7 +424,7 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
     };
     p.keys_a = take(N);
     p.vals_a = take(N);
-    p.keys_b = take(N);  // one-block sort: its between-pass buffer
+    p.keys_b = take(N);
     p.vals_b = take(N);
     p.rank = take(N);
     p.table = take((long long)kMaxBins * p.nchunks);
@@ -579,25 +436,9 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
 }
 
 template <typename T, int VEC>
-void launch_backward_sums(T* dwte, T* dwpe, int* s, const EncoderPlan& p,
-                          const BlockSortArgs& sort, EntryList list, const T* dout, int B,
-                          int seq_len, int C, cudaStream_t st) {
-    const char* op = "encoder_backward";
+void launch_run_sums(T* dwte, T* dwpe, int* s, const EncoderPlan& p, EntryList list, const T* dout,
+                     int C, cudaStream_t st) {
     const int cv = C / VEC;  // vectors per row
-    // dwpe: as many blocks as fit at once (grid-stride), one of them the sort when there is one
-    int dev = 0, sms = 0, per_sm = 0;
-    CUDA_CHECK(op, cudaGetDevice(&dev));
-    CUDA_CHECK(op, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    CUDA_CHECK(op, cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                       &per_sm, encoder_dwpe_kernel<T, VEC>, kSortThreads, 0));
-    const long long items = (long long)seq_len * cv;
-    const long long dwpe_blocks = std::max<long long>(
-        1, std::min<long long>((items + kSortThreads - 1) / kSortThreads,
-                               (long long)std::max(sms, 1) * std::max(per_sm, 1) -
-                                   (sort.N > 0 ? 1 : 0)));
-    encoder_dwpe_kernel<T, VEC><<<(int)dwpe_blocks + (sort.N > 0 ? 1 : 0), kSortThreads, 0, st>>>(
-        dwpe, s + p.owner_count, dout, sort, B, seq_len, C);
-
     const int threads = std::min(256, (cv + 31) / 32 * 32);
     const int slices = (cv + threads - 1) / threads;
     const int run_slices = (cv + 31) / 32;
@@ -605,10 +446,10 @@ void launch_backward_sums(T* dwte, T* dwpe, int* s, const EncoderPlan& p,
         throw std::invalid_argument("encoder_backward: C too large for the grid");
     float* partials = reinterpret_cast<float*>(s + p.partials);
     encoder_tile_sum_kernel<T, VEC><<<dim3(p.ntiles, slices), threads, 0, st>>>(
-        dwte, partials, s + p.owners, s + p.owner_count, dout, list, C);
+        dwte, dwpe, partials, s + p.owners, s + p.owner_count, dout, list, C);
     encoder_run_sum_kernel<T, VEC><<<dim3(std::min(p.ntiles, kRunBlocks), run_slices),
                                      kRunWarps * 32, 0, st>>>(
-        dwte, partials, s + p.owners, s + p.owner_count, list, C);
+        dwte, dwpe, partials, s + p.owners, s + p.owner_count, list, C);
 }
 
 inline bool aligned16(uintptr_t p) { return p % 16 == 0; }
@@ -657,49 +498,37 @@ void encoder_backward(uintptr_t dwte, uintptr_t dwpe, uintptr_t scratch, uintptr
     const int* ids = as_ptr<const int>(idx);
     const int N = p.N;
 
-    // The sorted list ends up in keys/vals: written by the one-block sort inside the dwpe launch,
-    // or by the radix launches here.
-    BlockSortArgs sort{};
-    const int* keys = s + p.keys_a;
-    const int* vals = s + p.vals_a;
-    if (p.block_sort) {
-        sort = BlockSortArgs{s + p.keys_a, s + p.vals_a,
-                             reinterpret_cast<unsigned*>(s + p.keys_b), ids, N, V, p.nb,
-                             p.passes, p.digit_bits};
-    } else {
-        const int* keys_in = nullptr;
-        const int* vals_in = nullptr;
-        const int mask = (1 << p.digit_bits) - 1;
-        for (int pass = 0; pass < p.passes; pass++) {
-            int* keys_out = s + (pass % 2 == 0 ? p.keys_a : p.keys_b);
-            int* vals_out = s + (pass % 2 == 0 ? p.vals_a : p.vals_b);
-            const int shift = pass * p.digit_bits;
-            radix_rank_kernel<<<ceil_div(p.nchunks, kRankWarps), kRankWarps * 32, 0, st>>>(
-                s + p.rank, s + p.table, ids, keys_in, N, V, shift, mask, p.rounds, p.nchunks);
-            exclusive_scan_kernel<<<1, 1024, 0, st>>>(s + p.table, (mask + 1) * p.nchunks);
-            radix_scatter_kernel<<<ceil_div(N, 256), 256, 0, st>>>(
-                keys_out, vals_out, s + p.rank, s + p.table, ids, keys_in, vals_in, N, V, shift,
-                mask, p.rounds * 32, p.nchunks);
-            keys_in = keys_out;
-            vals_in = vals_out;
-        }
-        keys = keys_in;
-        vals = vals_in;
+    // Step 1: LSD radix sort of the keys, positions carried along (starting from 0..N-1).
+    const int* keys_in = nullptr;
+    const int* vals_in = nullptr;
+    const int mask = (1 << p.digit_bits) - 1;
+    for (int pass = 0; pass < p.passes; pass++) {
+        int* keys_out = s + (pass % 2 == 0 ? p.keys_a : p.keys_b);
+        int* vals_out = s + (pass % 2 == 0 ? p.vals_a : p.vals_b);
+        const int shift = pass * p.digit_bits;
+        radix_rank_kernel<<<ceil_div(p.nchunks, kRankWarps), kRankWarps * 32, 0, st>>>(
+            s + p.rank, s + p.table, pass == 0 ? s + p.owner_count : nullptr, ids, keys_in, N, V,
+            shift, mask, p.rounds, p.nchunks);
+        exclusive_scan_kernel<<<1, 1024, 0, st>>>(s + p.table, (mask + 1) * p.nchunks);
+        radix_scatter_kernel<<<ceil_div(N, 256), 256, 0, st>>>(
+            keys_out, vals_out, s + p.rank, s + p.table, ids, keys_in, vals_in, N, V, shift, mask,
+            p.rounds * 32, p.nchunks);
+        keys_in = keys_out;
+        vals_in = vals_out;
     }
 
-    const EntryList list{keys, vals, N, V};
+    // Steps 2-3: run sums over the sorted token entries followed by the position entries.
+    const EntryList list{keys_in, vals_in, N, B, T, V};
     DISPATCH_STORAGE("encoder_backward", dtype, [&] {
         constexpr int kVec = 16 / sizeof(scalar_t);
         const bool vec = C % kVec == 0 && aligned16(dwte) && aligned16(dwpe) && aligned16(dout) &&
                          aligned16(scratch);
         if (vec)
-            launch_backward_sums<scalar_t, kVec>(as_ptr<scalar_t>(dwte), as_ptr<scalar_t>(dwpe), s,
-                                                 p, sort, list, as_ptr<const scalar_t>(dout), B,
-                                                 T, C, st);
+            launch_run_sums<scalar_t, kVec>(as_ptr<scalar_t>(dwte), as_ptr<scalar_t>(dwpe), s, p,
+                                            list, as_ptr<const scalar_t>(dout), C, st);
         else
-            launch_backward_sums<scalar_t, 1>(as_ptr<scalar_t>(dwte), as_ptr<scalar_t>(dwpe), s,
-                                              p, sort, list, as_ptr<const scalar_t>(dout), B, T,
-                                              C, st);
+            launch_run_sums<scalar_t, 1>(as_ptr<scalar_t>(dwte), as_ptr<scalar_t>(dwpe), s, p,
+                                         list, as_ptr<const scalar_t>(dout), C, st);
     });
     check_launch("encoder_backward");
 }
