@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from torch_twin import build_torch_gpt  # benchmarks/torch_twin.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "eltec_sample.txt"
@@ -232,65 +234,6 @@ def run_ours(args, cfg, train, val, train_ix, val_ix, init_state):
 
 # ---- the PyTorch twin ----------------------------------------------------------------------
 
-def build_torch_gpt(torch, cfg, p_drop):
-    nn, F = torch.nn, torch.nn.functional
-    C, H = cfg.n_embd, cfg.n_head
-
-    class Attention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c_attn = nn.Linear(C, 3 * C)
-            self.c_proj = nn.Linear(C, C)
-            self.resid_dropout = nn.Dropout(p_drop)
-
-        def forward(self, x):
-            B, T, _ = x.shape
-            q, k, v = self.c_attn(x).split(C, dim=2)
-            q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=p_drop if self.training else 0.0)
-            return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
-
-    class MLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c_fc = nn.Linear(C, 4 * C)
-            self.c_proj = nn.Linear(4 * C, C)
-            self.dropout = nn.Dropout(p_drop)
-
-        def forward(self, x):
-            return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln_1, self.attn = nn.LayerNorm(C), Attention()
-            self.ln_2, self.mlp = nn.LayerNorm(C), MLP()
-
-        def forward(self, x):
-            x = x + self.attn(self.ln_1(x))
-            return x + self.mlp(self.ln_2(x))
-
-    class TorchGPT(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.wte = nn.Embedding(cfg.padded_vocab_size, C)
-            self.wpe = nn.Embedding(cfg.block_size, C)
-            self.drop = nn.Dropout(p_drop)
-            self.h = nn.ModuleList(Block() for _ in range(cfg.n_layer))
-            self.ln_f = nn.LayerNorm(C)
-
-        def forward(self, idx, targets):
-            T = idx.shape[1]
-            x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
-            for block in self.h:
-                x = block(x)
-            logits = F.linear(self.ln_f(x), self.wte.weight)[..., :cfg.vocab_size]   # tied
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-    return TorchGPT()
-
-
 def run_torch(args, cfg, train, val, train_ix, val_ix, init_state):
     try:
         import torch
@@ -336,7 +279,7 @@ def run_torch(args, cfg, train, val, train_ix, val_ix, init_state):
         lr = lr_schedule(step, args.steps, args.lr, args.min_lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = fwd(x, y)
+        loss = fwd(x, y, real_vocab_only=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
@@ -349,7 +292,7 @@ def run_torch(args, cfg, train, val, train_ix, val_ix, init_state):
         total = torch.zeros((), dtype=torch.float64, device=dev)
         for i in range(args.eval_iters):
             x, y = batch(dval, dval_ix[i])
-            total += fwd(x, y)
+            total += fwd(x, y, real_vocab_only=True)
         model.train()
         return float(total.item()) / args.eval_iters
 

@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from torch_twin import build_torch_gpt  # benchmarks/torch_twin.py, beside this script
+
 TORCH_DEVICE = "cuda"
 
 
@@ -245,63 +247,6 @@ def bench_ours(args, cfg, T, batches, host_batch):
 
 
 # ---- the PyTorch twin --------------------------------------------------------------------
-
-def build_torch_gpt(torch, cfg):
-    nn, F = torch.nn, torch.nn.functional
-    C, H = cfg.n_embd, cfg.n_head
-
-    class Attention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c_attn = nn.Linear(C, 3 * C)
-            self.c_proj = nn.Linear(C, C)
-
-        def forward(self, x):
-            B, T, _ = x.shape
-            q, k, v = self.c_attn(x).split(C, dim=2)
-            q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-    class MLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c_fc = nn.Linear(C, 4 * C)
-            self.c_proj = nn.Linear(4 * C, C)
-
-        def forward(self, x):
-            return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln_1, self.attn = nn.LayerNorm(C), Attention()
-            self.ln_2, self.mlp = nn.LayerNorm(C), MLP()
-
-        def forward(self, x):
-            x = x + self.attn(self.ln_1(x))
-            return x + self.mlp(self.ln_2(x))
-
-    class TorchGPT(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.wte = nn.Embedding(cfg.padded_vocab_size, C)
-            self.wpe = nn.Embedding(cfg.block_size, C)
-            self.h = nn.ModuleList(Block() for _ in range(cfg.n_layer))
-            self.ln_f = nn.LayerNorm(C)
-
-        def forward(self, idx, targets, real_vocab_only=False):
-            T = idx.shape[1]
-            x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
-            for block in self.h:
-                x = block(x)
-            logits = F.linear(self.ln_f(x), self.wte.weight)     # tied head, (B, T, Vp)
-            if real_vocab_only:
-                logits = logits[..., :cfg.vocab_size]
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-    return TorchGPT()
-
 
 def bench_torch(args, cfg, T, batches, init_state):
     try:

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -55,6 +56,36 @@ template <typename T> __device__ __forceinline__ float load_f(const T* p) {
 }
 template <typename T> __device__ __forceinline__ void store_f(T* p, float x) {
     *p = StorageTraits<T>::from_float(x);
+}
+
+// VEC consecutive values of storage type T as floats: one 16-byte access when VEC*sizeof(T) is
+// 16 (the caller guarantees the alignment; the launchers check it), else VEC scalar accesses.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(float (&dst)[VEC], const T* src) {
+    if constexpr (VEC * sizeof(T) == 16) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(src);
+        T v[VEC];
+        memcpy(v, &raw, 16);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) dst[k] = StorageTraits<T>::to_float(v[k]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) dst[k] = load_f(src + k);
+    }
+}
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(T* dst, const float (&src)[VEC]) {
+    if constexpr (VEC * sizeof(T) == 16) {
+        T v[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; k++) v[k] = StorageTraits<T>::from_float(src[k]);
+        uint4 raw;
+        memcpy(&raw, v, 16);
+        *reinterpret_cast<uint4*>(dst) = raw;
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) store_f(dst + k, src[k]);
+    }
 }
 
 // Runs `body` with `scalar_t` bound to the storage type named by `dtype`. Only float32 is

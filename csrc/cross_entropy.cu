@@ -35,20 +35,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kUnroll = 4;  // units in flight per thread per pass (memory-level parallelism)
 
-// W consecutive elements at p as floats; a 16-byte access when W elements fill 16 bytes.
-// Plain (coherent) loads, never the read-only path: dlogits may alias logits.
-template <int W, typename T>
-__device__ __forceinline__ void load_units(const T* p, float (&v)[W]) {
-    if constexpr (W * sizeof(T) == 16) {
-        alignas(16) T tmp[W];
-        *reinterpret_cast<int4*>(tmp) = *reinterpret_cast<const int4*>(p);
-#pragma unroll
-        for (int k = 0; k < W; k++) v[k] = StorageTraits<T>::to_float(tmp[k]);
-    } else {
-#pragma unroll
-        for (int k = 0; k < W; k++) v[k] = load_f(p + k);
-    }
-}
 // Last read of these bytes: evict-first (ld.global.cs).
 template <int W, typename T>
 __device__ __forceinline__ void load_units_last(const T* p, float (&v)[W]) {
@@ -131,7 +117,7 @@ __global__ void __launch_bounds__(1024)
             const int j = j0 - u * nt;
             float vu[W];
             if (j >= 0) {
-                load_units<W>(x + (long long)j * W, vu);
+                load_vec(vu, x + (long long)j * W);
             } else {
 #pragma unroll
                 for (int k = 0; k < W; k++) vu[k] = -INFINITY;

@@ -23,33 +23,6 @@ constexpr float kTwoS = 1.5957691216057308f;        // 2 sqrt(2/pi)
 constexpr float kTwoSA = 0.07135481627260025f;      // 2 sqrt(2/pi) * 0.044715
 constexpr float kSixSA = 0.21406444881780076f;      // 3 * kTwoSA: d/dx (kTwoSA x^3)
 
-// W consecutive elements at p, as floats: one 16-byte access when W elements fill 16 bytes (p is
-// then 16-byte aligned, which the launchers check), otherwise W scalar accesses.
-template <int W, typename T>
-__device__ __forceinline__ void load_units(const T* p, float (&v)[W]) {
-    if constexpr (W * sizeof(T) == 16) {
-        alignas(16) T tmp[W];
-        *reinterpret_cast<int4*>(tmp) = *reinterpret_cast<const int4*>(p);
-#pragma unroll
-        for (int k = 0; k < W; k++) v[k] = StorageTraits<T>::to_float(tmp[k]);
-    } else {
-#pragma unroll
-        for (int k = 0; k < W; k++) v[k] = load_f(p + k);
-    }
-}
-template <int W, typename T>
-__device__ __forceinline__ void store_units(T* p, const float (&v)[W]) {
-    if constexpr (W * sizeof(T) == 16) {
-        alignas(16) T tmp[W];
-#pragma unroll
-        for (int k = 0; k < W; k++) tmp[k] = StorageTraits<T>::from_float(v[k]);
-        *reinterpret_cast<int4*>(p) = *reinterpret_cast<const int4*>(tmp);
-    } else {
-#pragma unroll
-        for (int k = 0; k < W; k++) store_f(p + k, v[k]);
-    }
-}
-
 inline bool aligned16(uintptr_t p) { return p % 16 == 0; }
 
 // Elements per 16-byte access for storage type T (4 for float, 8 for bf16).
@@ -93,14 +66,14 @@ __global__ void bias_forward_kernel(T* out, const T* x, const T* bias, int N, in
     if (cu >= OC / W) return;
     const int c = cu * W;
     float b[W];
-    load_units<W>(bias + c, b);
+    load_vec(b, bias + c);
     const long long stride = (long long)gridDim.y * blockDim.y;
     for (long long r = (long long)blockIdx.y * blockDim.y + threadIdx.y; r < N; r += stride) {
         float v[W];
-        load_units<W>(x + r * OC + c, v);
+        load_vec(v, x + r * OC + c);
 #pragma unroll
         for (int k = 0; k < W; k++) v[k] += b[k];
-        store_units<W>(out + r * OC + c, v);
+        store_vec(out + r * OC + c, v);
     }
 }
 
@@ -125,7 +98,7 @@ __global__ void __launch_bounds__(kBbX * kBbY)
 #pragma unroll 4
         for (long long r = r0 + ty; r < r1; r += kBbY) {
             float v[W];
-            load_units<W>(p + r * OC, v);
+            load_vec(v, p + r * OC);
 #pragma unroll
             for (int k = 0; k < W; k++) acc[k] += v[k];
         }
@@ -176,10 +149,10 @@ __global__ void gelu_forward_kernel(T* out, const T* x, long long n) {
     const long long i = (blockIdx.x * (long long)blockDim.x + threadIdx.x) * W;
     if (i + W <= n) {
         float v[W];
-        load_units<W>(x + i, v);
+        load_vec(v, x + i);
 #pragma unroll
         for (int k = 0; k < W; k++) v[k] = gelu_value(v[k]);
-        store_units<W>(out + i, v);
+        store_vec(out + i, v);
     } else {
         for (long long j = i; j < n; j++) store_f(out + j, gelu_value(load_f(x + j)));
     }
@@ -191,11 +164,11 @@ __global__ void gelu_backward_kernel(T* dx, const T* x, const T* dout, long long
     const long long i = (blockIdx.x * (long long)blockDim.x + threadIdx.x) * W;
     if (i + W <= n) {
         float v[W], g[W];
-        load_units<W>(x + i, v);
-        load_units<W>(dout + i, g);
+        load_vec(v, x + i);
+        load_vec(g, dout + i);
 #pragma unroll
         for (int k = 0; k < W; k++) g[k] *= gelu_grad(v[k]);
-        store_units<W>(dx + i, g);
+        store_vec(dx + i, g);
     } else {
         for (long long j = i; j < n; j++)
             store_f(dx + j, load_f(dout + j) * gelu_grad(load_f(x + j)));

@@ -409,19 +409,10 @@ def load(directory, *, training_state: bool = True) -> Checkpoint:
 
 
 def _check_shapes(params: dict, cfg: dict, d: Path):
-    L, C, T = int(cfg["n_layer"]), int(cfg["n_embd"]), int(cfg["block_size"])
-    Vp = padded_vocab_size(cfg["vocab_size"])
-    expect = {"wte": (Vp, C), "wpe": (T, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
-    for i in range(L):
-        p = f"h.{i}."
-        expect.update({
-            p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
-            p + "attn.c_attn.weight": (3 * C, C), p + "attn.c_attn.bias": (3 * C,),
-            p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
-            p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
-            p + "mlp.c_fc.weight": (4 * C, C), p + "mlp.c_fc.bias": (4 * C,),
-            p + "mlp.c_proj.weight": (C, 4 * C), p + "mlp.c_proj.bias": (C,),
-        })
+    from textgpt2.model import param_shapes  # the one definition of the parameter layout
+
+    expect = param_shapes(int(cfg["n_layer"]), int(cfg["n_embd"]), int(cfg["block_size"]),
+                          padded_vocab_size(cfg["vocab_size"]))
     missing = [k for k in expect if k not in params]
     if missing:
         raise CheckpointError(f"{d / WEIGHTS} lacks {len(missing)} tensors, e.g. "

@@ -97,6 +97,27 @@ PRESETS = {
 }
 
 
+def param_shapes(n_layer: int, n_embd: int, block_size: int, padded_vocab_size: int) -> dict:
+    """{name: shape} of every parameter in the contract's order (as
+    reference.gpt_param_shapes): wte (Vp, C), wpe (block_size, C), then per block ln_1,
+    attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, then ln_f. Linear weights are
+    (out_features, in_features). Pure arithmetic: checkpoint.py checks files against it too."""
+    C, Vp = n_embd, padded_vocab_size
+    shapes = {"wte": (Vp, C), "wpe": (block_size, C)}
+    for i in range(n_layer):
+        p = f"h.{i}."
+        shapes.update({
+            p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
+            p + "attn.c_attn.weight": (3 * C, C), p + "attn.c_attn.bias": (3 * C,),
+            p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
+            p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
+            p + "mlp.c_fc.weight": (4 * C, C), p + "mlp.c_fc.bias": (4 * C,),
+            p + "mlp.c_proj.weight": (C, 4 * C), p + "mlp.c_proj.bias": (C,),
+        })
+    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
+    return shapes
+
+
 @dataclasses.dataclass
 class GPTConfig:
     n_layer: int = 6
@@ -194,23 +215,8 @@ class GPTConfig:
     # -- parameter inventory (host only, so sizes and FLOPs are known without a GPU) --
 
     def param_shapes(self) -> dict:
-        """{name: shape} of every parameter in the contract's order (as
-        reference.gpt_param_shapes): wte (Vp, C), wpe (block_size, C), then per block ln_1,
-        attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, then ln_f."""
-        C, Vp = self.n_embd, self.padded_vocab_size
-        shapes = {"wte": (Vp, C), "wpe": (self.block_size, C)}
-        for i in range(self.n_layer):
-            p = f"h.{i}."
-            shapes.update({
-                p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
-                p + "attn.c_attn.weight": (3 * C, C), p + "attn.c_attn.bias": (3 * C,),
-                p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
-                p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
-                p + "mlp.c_fc.weight": (4 * C, C), p + "mlp.c_fc.bias": (4 * C,),
-                p + "mlp.c_proj.weight": (C, 4 * C), p + "mlp.c_proj.bias": (C,),
-            })
-        shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
-        return shapes
+        """{name: shape} of every parameter (see param_shapes below)."""
+        return param_shapes(self.n_layer, self.n_embd, self.block_size, self.padded_vocab_size)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count. non_embedding=True leaves out the position embedding, as nanoGPT
