@@ -33,6 +33,9 @@ inline void check_launch(const char* op) {
 inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 template <typename T> inline T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
+// 16-byte vector accesses need every pointer they touch on a 16-byte boundary.
+inline bool aligned16(uintptr_t p) { return p % 16 == 0; }
+
 inline int ceil_div(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
 
 // ---- storage types -------------------------------------------------------------------------

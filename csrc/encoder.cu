@@ -422,8 +422,6 @@ void launch_run_sums(T* dwte, T* dwpe, int* s, const EncoderPlan& p, EntryList l
         dwte, dwpe, partials, s + p.owners, s + p.owner_count, list, C);
 }
 
-inline bool aligned16(uintptr_t p) { return p % 16 == 0; }
-
 }  // namespace
 
 void encoder_forward(uintptr_t out, uintptr_t idx, uintptr_t wte, uintptr_t wpe, int B, int T,

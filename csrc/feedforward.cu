@@ -23,8 +23,6 @@ constexpr float kTwoS = 1.5957691216057308f;        // 2 sqrt(2/pi)
 constexpr float kTwoSA = 0.07135481627260025f;      // 2 sqrt(2/pi) * 0.044715
 constexpr float kSixSA = 0.21406444881780076f;      // 3 * kTwoSA: d/dx (kTwoSA x^3)
 
-inline bool aligned16(uintptr_t p) { return p % 16 == 0; }
-
 // Elements per 16-byte access for storage type T (4 for float, 8 for bf16).
 template <typename T> constexpr int pack_width() { return static_cast<int>(16 / sizeof(T)); }
 

@@ -25,7 +25,6 @@
 
 namespace {
 
-
 // Register path: lane l holds the VEC-wide slots i*32 + l, i < NPL, of its row (coalesced per i).
 // C <= 32 * NPL * VEC; slots past C hold zeros and are masked out of every sum.
 constexpr int kFwdWarps = 8;        // rows per forward block
@@ -296,7 +295,6 @@ layernorm_param_grad_kernel(T* __restrict__ dweight, T* __restrict__ dbias,
 }
 
 // ---- launch plumbing -----------------------------------------------------------------------
-inline bool aligned16(uintptr_t p) { return p % 16 == 0; }
 
 // Smallest instantiated slots-per-lane that covers `need`, 0 if the row is too long.
 inline int pick_npl(int need) {

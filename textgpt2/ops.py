@@ -11,6 +11,8 @@ current CuPy stream) and not synchronized.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from textgpt2.device import extension, require_gpu
@@ -455,13 +457,16 @@ def _real(op, name, value, *, low=None, high=None, low_open=False, high_open=Fal
     return float(value)
 
 
+def _raise_on_overlap(op, pairs):
+    for (n1, a1), (n2, a2) in pairs:
+        if a1.nbytes and a2.nbytes and a1.data.ptr < a2.data.ptr + a2.nbytes \
+                and a2.data.ptr < a1.data.ptr + a1.nbytes:
+            raise ValueError(f"{op}: arguments '{n1}' and '{n2}' overlap in memory")
+
+
 def _check_disjoint(op, **arrays):
     """Outputs updated in place must not share memory with each other or with inputs."""
-    items = [(n, a.data.ptr, a.data.ptr + a.nbytes) for n, a in arrays.items() if a.nbytes]
-    for i, (n1, lo1, hi1) in enumerate(items):
-        for n2, lo2, hi2 in items[i + 1:]:
-            if lo1 < hi2 and lo2 < hi1:
-                raise ValueError(f"{op}: arguments '{n1}' and '{n2}' overlap in memory")
+    _raise_on_overlap(op, itertools.combinations(arrays.items(), 2))
 
 
 def _one_element(op, name, a):
@@ -586,16 +591,9 @@ def _attention_aligned(op, **arrays):
 
 def _attention_disjoint(op, outputs, inputs):
     """Outputs must not share memory with inputs or with each other (they are written while
-    other blocks still read the inputs)."""
-    def span(a):
-        return a.data.ptr, a.data.ptr + a.nbytes
-    items = list(outputs.items())
-    for i, (n1, a1) in enumerate(items):
-        lo1, hi1 = span(a1)
-        for n2, a2 in items[i + 1:] + list(inputs.items()):
-            lo2, hi2 = span(a2)
-            if lo1 < hi2 and lo2 < hi1:
-                raise ValueError(f"{op}: arguments '{n1}' and '{n2}' overlap in memory")
+    other blocks still read the inputs); inputs may share memory among themselves."""
+    _raise_on_overlap(op, itertools.chain(itertools.combinations(outputs.items(), 2),
+                                          itertools.product(outputs.items(), inputs.items())))
 
 
 def _attention_dropout(op, dropout_p, seed, offset):
