@@ -1002,28 +1002,6 @@ __global__ void __launch_bounds__(kThreads, (DqCfg<D, BC>::min_blocks))
 
 // ---- host side -------------------------------------------------------------------------------
 
-// Dynamic shared memory above 48 KB must be opted into per kernel and device. Done once per
-// (kernel, device), so later launches (and CUDA-graph captures) make no extra runtime calls; a
-// GPU with less shared memory per block than a kernel needs gets a clear error instead of a
-// failed launch.
-template <typename Kernel> void set_smem(const char* op, Kernel kernel, int bytes) {
-    int dev = 0;
-    CUDA_CHECK(op, cudaGetDevice(&dev));
-    static std::mutex mu;
-    static std::set<std::pair<const void*, int>> done;
-    const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), dev);
-    std::lock_guard<std::mutex> lock(mu);
-    if (done.count(key)) return;
-    int optin = 0;
-    CUDA_CHECK(op, cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    if (bytes > optin)
-        throw std::runtime_error(std::string(op) + ": needs " + std::to_string(bytes) +
-                                 " bytes of shared memory per block, this GPU allows " +
-                                 std::to_string(optin));
-    CUDA_CHECK(op, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    done.insert(key);
-}
-
 void check_sizes(const char* op, int B, int T, int C, int H) {
     if (B < 1 || T < 1 || H < 1 || C < 1 || C % H != 0)
         throw std::invalid_argument(std::string(op) + ": bad sizes B=" + std::to_string(B) +

@@ -5,8 +5,11 @@
 
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -37,6 +40,68 @@ template <typename T> inline T* as_ptr(uintptr_t p) { return reinterpret_cast<T*
 inline bool aligned16(uintptr_t p) { return p % 16 == 0; }
 
 inline int ceil_div(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
+
+// Dynamic shared memory above 48 KB must be opted into per kernel and device. Done once per
+// (kernel, device), so later launches (and CUDA-graph captures) make no extra runtime calls; a
+// GPU with less shared memory per block than a kernel needs gets a clear error instead of a
+// failed launch.
+template <typename Kernel> void set_smem(const char* op, Kernel kernel, int bytes) {
+    int dev = 0;
+    CUDA_CHECK(op, cudaGetDevice(&dev));
+    static std::mutex mu;
+    static std::set<std::pair<const void*, int>> done;
+    const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), dev);
+    std::lock_guard<std::mutex> lock(mu);
+    if (done.count(key)) return;
+    int optin = 0;
+    CUDA_CHECK(op, cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    if (bytes > optin)
+        throw std::runtime_error(std::string(op) + ": needs " + std::to_string(bytes) +
+                                 " bytes of shared memory per block, this GPU allows " +
+                                 std::to_string(optin));
+    CUDA_CHECK(op, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    done.insert(key);
+}
+
+// ---- programmatic dependent launch (Hopper and later) -----------------------------------------
+// A kernel launched with launch_dependent() may start while the kernel before it in the stream is
+// still running, once every block of that kernel has called pdl_launch_dependents() (or exited).
+// It must call pdl_wait() before it reads anything the earlier kernel writes; work before the
+// wait (loads of inputs that were ready before the earlier kernel began) overlaps with it.
+// On older GPUs the launch is an ordinary one and both calls compile to nothing.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+inline bool device_has_pdl(const char* op) {
+    int dev = 0, major = 0;
+    CUDA_CHECK(op, cudaGetDevice(&dev));
+    CUDA_CHECK(op, cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    return major >= 9;
+}
+
+template <typename... Params, typename... Args>
+void launch_dependent(const char* op, void (*kernel)(Params...), dim3 grid, dim3 block,
+                      size_t smem, cudaStream_t stream, Args... args) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = attr;
+    config.numAttrs = device_has_pdl(op) ? 1 : 0;
+    CUDA_CHECK(op, cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
+}
 
 // ---- storage types -------------------------------------------------------------------------
 // Kernels compute in float and convert at loads and stores, so the same code handles fp32 and

@@ -5,21 +5,26 @@
 //   row it was gathered from:  dwte[v] += sum of dout[b,t] over the (b,t) with idx[b,t] == v,
 //   dwpe[t] += sum over b of dout[b,t].
 //
-// The backward must give the same bits on every run, so there are no float atomics: the
-// (position, row) pairs are put into one fixed order and every row's sum is taken in that order.
-//   1. A stable LSD radix sort of the token ids (8-bit digits, two passes for a 50k vocabulary)
-//      lists the positions sorted by (token id, position). Integer work only: each warp ranks its
-//      chunk of ids with __match_any_sync, one exclusive scan over the (digit, chunk) counts gives
-//      every chunk its offsets, a scatter writes the permutation. Out-of-range ids get the key V,
-//      which sorts last and is skipped (their rows reach no dwte row).
-//   2. The dwpe half needs no sort: position-major order (t, then b) is already grouped by t.
-//      The two halves form one list of 2N entries whose keys ascend (token ids 0..V-1, V for
-//      skipped ids, then V+1+t), so one pair of kernels reduces both.
-//   3. The list is cut into tiles of kTile entries. A block per tile sums each run of equal keys
-//      in list order; a run that lies inside the tile is added to its gradient row directly (no
-//      other block touches that row), a run that crosses a tile boundary leaves one partial sum
-//      per tile in scratch. A second kernel adds each crossing run's partials in tile order. So a
-//      frequent token (or all ids equal) is spread over many blocks instead of serialized in one.
+// The backward must give the same bits on every run, so there are no float atomics: each row's
+// sum is taken in one fixed order (ascending position). It should also read dout only once, since
+// dout is most of the bytes it moves. The positions are taken in chunks (up to 16 sequences and
+// 16384 positions: a rectangle b0 <= b < b0+Bc, t0 <= t < t0+Tc), each in three kernels:
+//   1. sort, one block in shared memory: a stable LSD radix sort of the chunk's ids (8-bit
+//      digits; each warp ranks its ids with __match_any_sync) lists the positions by (id,
+//      position), and the runs of equal ids are measured. A position that ends a short run (at
+//      most kShortRun positions) gets a "link" to its run; the entries of longer runs are copied to
+//      a separate list. Out-of-range ids get the key V and reach no dwte row.
+//   2. backward, launched while the sort still runs (programmatic dependent launch): one block per
+//      position t reads the Bc rows dout[b0.., t], adds their sum to dwpe[t] (no sort needed, so
+//      this overlaps with it), waits for the sort, then adds the short runs to their dwte rows: a
+//      run of one straight from registers, a longer one by the block that holds its last row,
+//      which re-reads the few others. Extra blocks take the long runs (frequent ids) in tiles of
+//      kTile sorted entries: a run inside a tile is added to its row directly, a run that crosses
+//      tiles leaves one partial sum per tile in scratch, so a run of thousands is spread over many
+//      blocks instead of serialized in one.
+//   3. run_sum adds each crossing run's partials to its row, in tile order.
+// With random ids over a 50k vocabulary nearly every run is short and dout is read about 1.05
+// times; the rows of a frequent id are read twice (for dwpe, then in its tile).
 
 #include <algorithm>
 #include <cstring>
@@ -83,181 +88,357 @@ __global__ void encoder_forward_kernel(T* __restrict__ out, const int* __restric
     store_vec<T, VEC>(out + (long long)n * C + c, r);
 }
 
-// ---- backward, step 1: stable radix sort of the token ids ----------------------------------
-constexpr int kMaxBins = 256;   // 8-bit digits
-constexpr int kRankWarps = 4;   // warps (= chunks) per rank block
-constexpr int kMinRounds = 16;  // a chunk is rounds*32 ids
-constexpr int kMaxChunks = 256; // bounds the (digit, chunk) table the scan walks
-constexpr int kBatch = 8;       // ids a warp loads before ranking them (latency hiding)
+// ---- backward: chunks and scratch ----------------------------------------------------------
+constexpr int kSortThreads = 1024;
+constexpr int kSortWarps = kSortThreads / 32;
+constexpr int kMaxRounds = 16;         // ids per sort thread: a chunk holds up to 16384 positions
+constexpr int kBins = 256;             // 8-bit digits
+constexpr int kBinStride = kBins + 1;  // a warp's counts, + one bin for lanes past the chunk
+constexpr int kMaxRows = 16;           // sequences per chunk: the dout rows one block keeps
+constexpr int kShortRun = 16;          // longest run summed by the block holding its last row
+constexpr int kTile = 32;              // sorted long-run entries per tile
+constexpr int kAhead = 8;              // rows a thread loads before adding them up
+constexpr int kRunWarps = 8;           // warps sharing one crossing run's partials
+constexpr int kRunBlocks = 128;
+static_assert(kSortWarps == 32, "the block scans keep one value per warp in one warp");
 
 __device__ __forceinline__ int token_key(int id, int V) { return (id >= 0 && id < V) ? id : V; }
 
-// Warp w ranks chunk w: rank[i] = number of earlier ids in the chunk with the same digit (ids
-// taken in position order, 32 per round), table[d * nchunks + chunk] = count of digit d.
-// keys_in == nullptr on the first pass: keys come from idx (out-of-range ids -> V); that pass
-// also zeroes the owner counter the reduction uses.
-__global__ void __launch_bounds__(kRankWarps * 32)
-radix_rank_kernel(int* __restrict__ rank, int* __restrict__ table, int* __restrict__ owner_count,
-                  const int* __restrict__ idx, const int* __restrict__ keys_in, int N, int V,
-                  int shift, int mask, int rounds, int nchunks) {
-    __shared__ int hist[kRankWarps][kMaxBins + 1];  // last bin: lanes past N
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int chunk = blockIdx.x * kRankWarps + warp;
-    if (owner_count != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *owner_count = 0;
-    if (chunk >= nchunks) return;  // whole warp
-    int* h = hist[warp];
-    for (int d = lane; d <= kMaxBins; d += 32) h[d] = 0;
-    __syncwarp();
-    const int base = chunk * rounds * 32;
-    const unsigned lanes_below = (1u << lane) - 1u;
-    for (int r0 = 0; r0 < rounds && base + r0 * 32 < N; r0 += kBatch) {
-        int digit[kBatch];
-#pragma unroll
-        for (int u = 0; u < kBatch; u++) {
-            const int i = base + (r0 + u) * 32 + lane;
-            digit[u] = kMaxBins;
-            if (r0 + u < rounds && i < N) {
-                const int key = keys_in != nullptr ? keys_in[i] : token_key(idx[i], V);
-                digit[u] = (key >> shift) & mask;
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < kBatch; u++) {
-            const int i = base + (r0 + u) * 32 + lane;
-            if (r0 + u >= rounds || base + (r0 + u) * 32 >= N) break;  // warp-uniform
-            const unsigned peers = __match_any_sync(kFullMask, digit[u]);
-            const int my_rank = h[digit[u]] + __popc(peers & lanes_below);
-            __syncwarp();
-            if (lane == 31 - __clz(peers)) h[digit[u]] += __popc(peers);  // one writer per digit
-            __syncwarp();
-            if (i < N) rank[i] = my_rank;
-        }
-    }
-    for (int d = lane; d <= mask; d += 32) table[d * nchunks + chunk] = h[d];
-}
-
-// In-place exclusive scan of n ints by one block (digit-major table: every (digit, chunk) cell
-// becomes the first output slot of that chunk's ids with that digit).
-__global__ void __launch_bounds__(1024) exclusive_scan_kernel(int* __restrict__ data, int n) {
-    __shared__ int warp_total[32];
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-    const int per = (n + blockDim.x - 1) / blockDim.x;
-    const int begin = min((int)threadIdx.x * per, n), end = min(begin + per, n);
-    int sum = 0;
-    for (int i = begin; i < end; i++) sum += data[i];
-    int incl = sum;
-    for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(kFullMask, incl, o);
-        if (lane >= o) incl += y;
-    }
-    if (lane == 31) warp_total[warp] = incl;
-    __syncthreads();
-    if (warp == 0) {
-        int t = lane < nwarps ? warp_total[lane] : 0;
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(kFullMask, t, o);
-            if (lane >= o) t += y;
-        }
-        warp_total[lane] = t;
-    }
-    __syncthreads();
-    int running = (warp > 0 ? warp_total[warp - 1] : 0) + incl - sum;
-    for (int i = begin; i < end; i++) {
-        const int v = data[i];
-        data[i] = running;
-        running += v;
-    }
-}
-
-__global__ void radix_scatter_kernel(int* __restrict__ keys_out, int* __restrict__ vals_out,
-                                     const int* __restrict__ rank, const int* __restrict__ table,
-                                     const int* __restrict__ idx, const int* __restrict__ keys_in,
-                                     const int* __restrict__ vals_in, int N, int V, int shift,
-                                     int mask, int chunk_len, int nchunks) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= N) return;
-    const int key = keys_in != nullptr ? keys_in[i] : token_key(idx[i], V);
-    const int val = vals_in != nullptr ? vals_in[i] : i;
-    const int dst = table[((key >> shift) & mask) * nchunks + i / chunk_len] + rank[i];
-    keys_out[dst] = key;
-    vals_out[dst] = val;
-}
-
-// ---- backward, steps 2-3: run sums over the combined list ----------------------------------
-constexpr int kTile = 32;     // list entries per tile
-constexpr int kAhead = 8;     // dout rows a thread loads before adding them up
-constexpr int kRunWarps = 8;  // warps sharing one crossing run's partials
-constexpr int kRunBlocks = 128;
-
-// Entry k < N: the k-th (token id, position) pair of the sort, key = token id (V: skipped).
-// Entry N + t*B + b: position (b, t) with key V + 1 + t. Keys ascend along the list.
-struct EntryList {
-    const int* keys;
-    const int* vals;
-    int N, B, seq_len, V;
-    __device__ __forceinline__ int key(int k) const {
-        return k < N ? keys[k] : V + 1 + (k - N) / B;
-    }
-    __device__ __forceinline__ int pos(int k) const {
-        if (k < N) return vals[k];
-        const int j = k - N;
-        return (j % B) * seq_len + j / B;
-    }
-    // First index after k whose key differs from key(k); warp-cooperative (all 32 lanes call it).
-    __device__ int run_end(int k, int lane) const {
-        if (k >= N) return N + ((k - N) / B + 1) * B;
-        const int key0 = keys[k];
-        // Upper bound of key0 in keys[lo, hi) by a 32-way search: each round the lanes probe 32
-        // evenly spaced entries and the first probe past key0 narrows the range ~32-fold.
-        int lo = k + 1, hi = N;
-        while (lo < hi) {
-            const int step = (hi - lo + 31) / 32;
-            const int p = min(lo + step * (lane + 1) - 1, hi - 1);
-            const unsigned gt = __ballot_sync(kFullMask, keys[p] > key0);
-            if (gt == 0u) break;  // keys[hi-1] <= key0 (lane 31 probed it): the answer is hi
-            const int l = __ffs(gt) - 1;
-            const int p_first = __shfl_sync(kFullMask, p, l);
-            const int p_before = __shfl_sync(kFullMask, p, l > 0 ? l - 1 : 0);
-            hi = p_first;  // keys[p_first] > key0
-            lo = l > 0 ? p_before + 1 : lo;
-        }
-        return hi;
-    }
+// The positions (b0 + b, t0 + t), b < Bc, t < Tc; local index p = b * Tc + t.
+struct Chunk {
+    int b0, t0, Bc, Tc, T;
+    __host__ __device__ int size() const { return Bc * Tc; }
+    __host__ __device__ int row(int p) const { return (b0 + p / Tc) * T + t0 + p % Tc; }
 };
 
-template <typename T>
-__device__ __forceinline__ T* grad_row(T* dwte, T* dwpe, int key, int V, int C) {
-    return key < V ? dwte + (long long)key * C : dwpe + (long long)(key - V - 1) * C;
+// Scratch, int32 elements (float32 for the partials). Sized for the largest chunk.
+struct EncoderPlan {
+    int Bc, Tc;                 // chunk shape
+    int max_rounds;             // sort rounds the GPU's shared memory allows
+    int passes, digit_bits;     // radix passes over keys 0..V
+    int ntiles;                 // long-run tiles of a full chunk
+    long long links, sorted_rows, long_keys, long_rows, counts, owners, partials, total;
+};
+
+// counts[0]: entries in the long-run list; counts[1]: crossing runs registered by their tiles.
+constexpr int kLongCount = 0, kOwnerCount = 1;
+
+inline long long round_up(long long x, long long m) { return (x + m - 1) / m * m; }
+
+inline int sort_smem_bytes(int rounds) {
+    // keys and positions of the chunk, the per-warp digit counts, 32 ints for the block scans
+    return (int)sizeof(int) * (2 * rounds * kSortThreads + kSortWarps * kBinStride + 32);
 }
 
-// One block per tile (blockIdx.y: channel slice). Partial slots: 2*tile holds the tile's share of
-// a run that began in an earlier tile ("head"), 2*tile+1 the share of a run that begins here and
-// goes on into the next tile ("tail"); the tile that holds a run's tail registers as its owner.
-template <typename T, int VEC>
-__global__ void encoder_tile_sum_kernel(T* __restrict__ dwte, T* __restrict__ dwpe,
-                                        float* __restrict__ partials, int* __restrict__ owners,
-                                        int* __restrict__ owner_count, const T* __restrict__ dout,
-                                        EntryList list, int C) {
-    __shared__ int skey[kTile + 2];  // [0]: entry before the tile, [n+1]: entry after (-1: none)
-    __shared__ int spos[kTile];
-    const int L = 2 * list.N;
-    const int tile = blockIdx.x;
-    const int k0 = tile * kTile;
-    const int n = min(kTile, L - k0);
-    for (int j = threadIdx.x; j < n + 2; j += blockDim.x) {
-        const int k = k0 - 1 + j;
-        skey[j] = (k >= 0 && k < L) ? list.key(k) : -1;
-        if (j >= 1 && j <= n) spos[j - 1] = list.pos(k);
+EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
+    if (B <= 0 || T <= 0 || C <= 0 || V <= 0)
+        throw std::invalid_argument(std::string(op) + ": B, T, C, V must be positive");
+    if ((long long)B * T > (1LL << 30))
+        throw std::invalid_argument(std::string(op) + ": B*T must be at most 2^30");
+    int dev = 0, optin = 0;
+    CUDA_CHECK(op, cudaGetDevice(&dev));
+    CUDA_CHECK(op, cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    EncoderPlan p{};
+    p.max_rounds = kMaxRounds;
+    while (p.max_rounds > 1 && sort_smem_bytes(p.max_rounds) > optin) p.max_rounds /= 2;
+    const int cap = p.max_rounds * kSortThreads;
+    p.Tc = std::min(T, cap);
+    p.Bc = std::min({B, kMaxRows, cap / p.Tc});
+    const int bits = 32 - __builtin_clz((unsigned)V);  // keys are 0..V
+    p.passes = (bits + 7) / 8;
+    p.digit_bits = (bits + p.passes - 1) / p.passes;
+    const long long S = (long long)p.Bc * p.Tc;
+    p.ntiles = (int)((S + kTile - 1) / kTile);
+    long long off = 0;
+    auto take = [&](long long n) {  // 256-byte aligned regions
+        const long long o = off;
+        off = round_up(off + n, 64);
+        return o;
+    };
+    p.links = take(S);
+    p.sorted_rows = take(S);
+    p.long_keys = take(S);
+    p.long_rows = take(S);
+    p.counts = take(2);
+    p.owners = take(p.ntiles);
+    p.partials = take(2LL * p.ntiles * C);
+    p.total = off;
+    return p;
+}
+
+// ---- backward, 1: sort one chunk's ids -----------------------------------------------------
+struct Plus {
+    __device__ int operator()(int a, int b) const { return a + b; }
+};
+struct Max {
+    __device__ int operator()(int a, int b) const { return max(a, b); }
+};
+
+// Exclusive scan of one int per thread over the block (kSortThreads threads) under `op`;
+// *total (if given) receives the reduction of all of them. `buf`: 32 ints of shared memory.
+template <typename Op>
+__device__ int block_exclusive_scan(int x, int identity, Op op, int* buf, int* total) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int incl = x;
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(kFullMask, incl, o);
+        if (lane >= o) incl = op(incl, y);
+    }
+    __syncthreads();  // buf may still be read after a previous call
+    if (lane == 31) buf[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        int w = buf[lane];
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(kFullMask, w, o);
+            if (lane >= o) w = op(w, y);
+        }
+        buf[lane] = w;
     }
     __syncthreads();
-    const int V = list.V;
-    const int prev_key = skey[0], next_key = skey[n + 1];
-    // Keys ascend, so the tile's last run began before the tile only if it fills the tile.
-    if (blockIdx.y == 0 && threadIdx.x == 0 && skey[n] == next_key && skey[n] != prev_key &&
-        skey[n] != V)
-        owners[atomicAdd(owner_count, 1)] = tile;
+    int excl = __shfl_up_sync(kFullMask, incl, 1);
+    if (lane == 0) excl = identity;
+    if (total != nullptr) *total = buf[31];
+    return warp > 0 ? op(buf[warp - 1], excl) : excl;
+}
 
-    const int c = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
+// Outputs, for the chunk's S positions:
+//   links[p]        (run start << 5) | (run length - 1) if p is the last position of a run of at
+//                   most kShortRun valid ids, else -1;
+//   sorted_rows[k]  the dout row of the k-th sorted entry;
+//   long_keys, long_rows: the entries of the longer runs, in sorted order, counts[kLongCount] of
+//                   them; counts[kOwnerCount] = 0 for the tiles that register crossing runs.
+__global__ void __launch_bounds__(kSortThreads, 1)
+encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
+                    int* __restrict__ long_keys, int* __restrict__ long_rows,
+                    int* __restrict__ counts, const int* __restrict__ idx, Chunk chunk, int V,
+                    int passes, int digit_bits, int rounds) {
+    pdl_launch_dependents();  // the backward kernel's dwpe half needs nothing from here
+    extern __shared__ int smem[];
+    int* skey = smem;                          // [rounds * kSortThreads]
+    int* spos = skey + rounds * kSortThreads;  // [rounds * kSortThreads]
+    int* table = spos + rounds * kSortThreads; // [kSortWarps][kBinStride]
+    int* buf = table + kSortWarps * kBinStride;
+    const int S = chunk.size();
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int i = threadIdx.x; i < S; i += kSortThreads) {
+        skey[i] = token_key(idx[chunk.row(i)], V);
+        spos[i] = i;
+    }
+    __syncthreads();
+
+    // Stable LSD radix sort. Warp w holds entries [w, w+1) * rounds * 32, 32 per round; an entry
+    // goes to (entries with a smaller digit) + (same digit, lower warp) + (same digit, same warp,
+    // earlier): the exclusive scan of the counts in (digit, warp) order, plus the in-warp rank.
+    const int mask = (1 << digit_bits) - 1;
+    const unsigned lanes_below = (1u << lane) - 1u;
+    int* hist = table + warp * kBinStride;
+    for (int pass = 0; pass < passes; pass++) {
+        const int shift = pass * digit_bits;
+        int key[kMaxRounds], rank_pos[kMaxRounds];  // rank in the warp << 16 | position
+        for (int d = lane; d < kBinStride; d += 32) hist[d] = 0;
+        __syncwarp();
+#pragma unroll
+        for (int r = 0; r < kMaxRounds; r++) {
+            if (r >= rounds) break;
+            const int i = (warp * rounds + r) * 32 + lane;
+            key[r] = i < S ? skey[i] : 0;
+            const int digit = i < S ? (key[r] >> shift) & mask : kBins;
+            const unsigned peers = __match_any_sync(kFullMask, digit);
+            rank_pos[r] = (hist[digit] + __popc(peers & lanes_below)) << 16 | (i < S ? spos[i] : 0);
+            __syncwarp();
+            if (lane == 31 - __clz(peers)) hist[digit] += __popc(peers);  // one writer per digit
+            __syncwarp();
+        }
+        __syncthreads();
+        const int ncells = (mask + 1) * kSortWarps;
+        const int per = (ncells + kSortThreads - 1) / kSortThreads;
+        const int c0 = min((int)threadIdx.x * per, ncells), c1 = min(c0 + per, ncells);
+        int sum = 0;
+        for (int e = c0; e < c1; e++) sum += table[(e % kSortWarps) * kBinStride + e / kSortWarps];
+        int running = block_exclusive_scan(sum, 0, Plus(), buf, nullptr);
+        for (int e = c0; e < c1; e++) {
+            int& cell = table[(e % kSortWarps) * kBinStride + e / kSortWarps];
+            const int count = cell;
+            cell = running;
+            running += count;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < kMaxRounds; r++) {
+            if (r >= rounds) break;
+            const int i = (warp * rounds + r) * 32 + lane;
+            if (i >= S) break;
+            const int dst = hist[(key[r] >> shift) & mask] + (rank_pos[r] >> 16);
+            skey[dst] = key[r];
+            spos[dst] = rank_pos[r] & 0xffff;
+        }
+        __syncthreads();
+    }
+
+    // Runs. Thread i takes the sorted entries [i, i+1) * rounds: run starts come from a max-scan
+    // of the head positions, then the last entry of each run writes its length over the run's
+    // first key, where every entry of the run can read it.
+    const int k0 = threadIdx.x * rounds;
+    int key[kMaxRounds], start[kMaxRounds];
+    unsigned last = 0;
+    int head = -1;
+#pragma unroll
+    for (int j = 0; j < kMaxRounds; j++) {
+        const int k = k0 + j;
+        if (j >= rounds || k >= S) break;
+        key[j] = skey[k];
+        if (k == 0 || skey[k - 1] != key[j]) head = k;
+        if (k == S - 1 || skey[k + 1] != key[j]) last |= 1u << j;
+    }
+    int run_start = block_exclusive_scan(head, -1, Max(), buf, nullptr);
+#pragma unroll
+    for (int j = 0; j < kMaxRounds; j++) {
+        const int k = k0 + j;
+        if (j >= rounds || k >= S) break;
+        if (k == 0 || skey[k - 1] != key[j]) run_start = k;
+        start[j] = run_start;
+    }
+    __syncthreads();  // every key is read
+#pragma unroll
+    for (int j = 0; j < kMaxRounds; j++) {
+        const int k = k0 + j;
+        if (j >= rounds || k >= S) break;
+        if (last >> j & 1u) skey[start[j]] = k - start[j] + 1;
+    }
+    __syncthreads();
+    int nlong = 0;
+#pragma unroll
+    for (int j = 0; j < kMaxRounds; j++) {
+        const int k = k0 + j;
+        if (j >= rounds || k >= S) break;
+        const int len = skey[start[j]];
+        if (key[j] == V) {
+            start[j] = -1;  // from here on: the link
+        } else if (len > kShortRun) {
+            start[j] = -2;  // long run
+            nlong++;
+        } else {
+            start[j] = (last >> j & 1u) ? (start[j] << 5 | (len - 1)) : -1;
+        }
+    }
+    int total_long;
+    int at = block_exclusive_scan(nlong, 0, Plus(), buf, &total_long);  // (syncs: lengths read)
+#pragma unroll
+    for (int j = 0; j < kMaxRounds; j++) {
+        const int k = k0 + j;
+        if (j >= rounds || k >= S) break;
+        const int p = spos[k];
+        if (start[j] == -2) {
+            long_keys[at] = key[j];
+            long_rows[at] = chunk.row(p);
+            at++;
+        }
+        skey[p] = max(start[j], -1);  // skey becomes the links, by position
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < S; i += kSortThreads) {
+        links[i] = skey[i];
+        sorted_rows[i] = chunk.row(spos[i]);
+    }
+    if (threadIdx.x == 0) {
+        counts[kLongCount] = total_long;
+        counts[kOwnerCount] = 0;
+    }
+}
+
+// ---- backward, 2: dwpe and short runs by position, long runs by tile ---------------------------
+
+// One block per local position t (and channel slice): dwpe first, then the short runs ending here.
+template <typename T, int VEC>
+__device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __restrict__ dwpe,
+                                                  const T* __restrict__ dout,
+                                                  const int* __restrict__ idx,
+                                                  const int* __restrict__ links,
+                                                  const int* __restrict__ sorted_rows,
+                                                  const Chunk& chunk, int t, int c, int C) {
+    float g[kMaxRows][VEC];  // dout[b0 + b, t0 + t], kept from the dwpe sum to the dwte update
+    float acc[VEC];
+#pragma unroll
+    for (int b = 0; b < kMaxRows; b++)
+        if (b < chunk.Bc) load_vec<T, VEC>(g[b], dout + (long long)chunk.row(b * chunk.Tc + t) * C + c);
+#pragma unroll
+    for (int k = 0; k < VEC; k++) acc[k] = 0.0f;
+#pragma unroll
+    for (int b = 0; b < kMaxRows; b++) {
+        if (b >= chunk.Bc) break;
+#pragma unroll
+        for (int k = 0; k < VEC; k++) acc[k] += g[b][k];
+    }
+    T* prow = dwpe + (long long)(chunk.t0 + t) * C + c;
+    float w[VEC];
+    load_vec<T, VEC>(w, prow);
+#pragma unroll
+    for (int k = 0; k < VEC; k++) w[k] += acc[k];
+    store_vec<T, VEC>(prow, w);
+
+    pdl_wait();  // the links are the sort's
+    // Every dwte row written here belongs to one run, and no other block writes it, so all loads
+    // of a batch can go before its stores.
+#pragma unroll
+    for (int b0 = 0; b0 < kMaxRows; b0 += kAhead) {
+        int link[kAhead], id[kAhead];
+        float row[kAhead][VEC];
+#pragma unroll
+        for (int u = 0; u < kAhead; u++)
+            link[u] = b0 + u < chunk.Bc ? links[(b0 + u) * chunk.Tc + t] : -1;
+#pragma unroll
+        for (int u = 0; u < kAhead; u++)
+            if (link[u] >= 0) id[u] = idx[chunk.row((b0 + u) * chunk.Tc + t)];
+#pragma unroll
+        for (int u = 0; u < kAhead; u++)
+            if (link[u] >= 0) load_vec<T, VEC>(row[u], dwte + (long long)id[u] * C + c);
+#pragma unroll
+        for (int u = 0; u < kAhead; u++) {
+            if (link[u] < 0) continue;
+            // the run's rows in sorted order; this position's own row is the last of them
+            const int first = link[u] >> 5, len = (link[u] & 31) + 1;
+            float sum[VEC];
+#pragma unroll
+            for (int k = 0; k < VEC; k++) sum[k] = 0.0f;
+#pragma unroll 4
+            for (int j = 0; j < len - 1; j++) {
+                float h[VEC];
+                load_vec<T, VEC>(h, dout + (long long)sorted_rows[first + j] * C + c);
+#pragma unroll
+                for (int k = 0; k < VEC; k++) sum[k] += h[k];
+            }
+#pragma unroll
+            for (int k = 0; k < VEC; k++) row[u][k] += sum[k] + g[b0 + u][k];
+            store_vec<T, VEC>(dwte + (long long)id[u] * C + c, row[u]);
+        }
+    }
+}
+
+// Partial slots: 2*tile holds the tile's share of a run that began in an earlier tile ("head"),
+// 2*tile+1 the share of a run that begins here and goes on into the next tile ("tail"); the tile
+// that holds a run's tail registers as its owner for run_sum.
+template <typename T, int VEC>
+__device__ __forceinline__ void backward_long_tile(T* __restrict__ dwte, float* __restrict__ partials,
+                                                   int* __restrict__ owners, int* __restrict__ counts,
+                                                   const T* __restrict__ dout,
+                                                   const int* __restrict__ keys,
+                                                   const int* __restrict__ rows, int M, int tile,
+                                                   int c, int C) {
+    __shared__ int skey[kTile + 2];  // [0]: entry before the tile, [n+1]: entry after (-1: none)
+    __shared__ int srow[kTile];
+    const int k0 = tile * kTile;
+    const int n = min(kTile, M - k0);
+    for (int j = threadIdx.x; j < n + 2; j += blockDim.x) {
+        const int k = k0 - 1 + j;
+        skey[j] = (k >= 0 && k < M) ? keys[k] : -1;
+        if (j >= 1 && j <= n) srow[j - 1] = rows[k];
+    }
+    __syncthreads();
+    const int prev_key = skey[0], next_key = skey[n + 1];
+    // A run is contiguous, so the tile's last run began before the tile only if it fills the tile.
+    if (blockIdx.y == 0 && threadIdx.x == 0 && skey[n] == next_key && skey[n] != prev_key)
+        owners[atomicAdd(counts + kOwnerCount, 1)] = tile;
     if (c >= C) return;
     float acc[VEC];
 #pragma unroll
@@ -268,24 +449,18 @@ __global__ void encoder_tile_sum_kernel(T* __restrict__ dwte, T* __restrict__ dw
 #pragma unroll
         for (int u = 0; u < kAhead; u++) {
             const int j = j0 + u;
-#pragma unroll
-            for (int k = 0; k < VEC; k++) g[u][k] = w[u][k] = 0.0f;
-            if (j < n) {
-                const int key = skey[j + 1];
-                if (key != V) {
-                    load_vec<T, VEC>(g[u], dout + (long long)spos[j] * C + c);
-                    // a run that starts and ends in this tile is added to its row right here
-                    if (skey[j + 2] != key && key != prev_key)
-                        load_vec<T, VEC>(w[u], grad_row(dwte, dwpe, key, V, C) + c);
-                }
-            }
+            if (j >= n) break;
+            const int key = skey[j + 1];
+            load_vec<T, VEC>(g[u], dout + (long long)srow[j] * C + c);
+            // a run that starts and ends in this tile is added to its row right here
+            if (skey[j + 2] != key && key != prev_key)
+                load_vec<T, VEC>(w[u], dwte + (long long)key * C + c);
         }
 #pragma unroll
         for (int u = 0; u < kAhead; u++) {
             const int j = j0 + u;
             if (j >= n) break;
             const int key = skey[j + 1];
-            if (key == V) continue;
 #pragma unroll
             for (int k = 0; k < VEC; k++) acc[k] += g[u][k];
             const bool tile_end = j == n - 1;
@@ -295,10 +470,9 @@ __global__ void encoder_tile_sum_kernel(T* __restrict__ dwte, T* __restrict__ dw
             } else if (tile_end && next_key == key) {
                 store_partial<VEC>(partials + (2LL * tile + 1) * C + c, acc);
             } else {
-                float r[VEC];
 #pragma unroll
-                for (int k = 0; k < VEC; k++) r[k] = w[u][k] + acc[k];
-                store_vec<T, VEC>(grad_row(dwte, dwpe, key, V, C) + c, r);
+                for (int k = 0; k < VEC; k++) w[u][k] += acc[k];
+                store_vec<T, VEC>(dwte + (long long)key * C + c, w[u]);
             }
 #pragma unroll
             for (int k = 0; k < VEC; k++) acc[k] = 0.0f;
@@ -306,29 +480,74 @@ __global__ void encoder_tile_sum_kernel(T* __restrict__ dwte, T* __restrict__ dw
     }
 }
 
+// blockIdx.x < Tc: a position; above: a tile of the long-run list (most of them find it empty).
+// blockIdx.y: a slice of blockDim.x * VEC channels.
+template <typename T, int VEC>
+__global__ void encoder_backward_kernel(T* __restrict__ dwte, T* __restrict__ dwpe,
+                                        int* __restrict__ s, EncoderPlan p,
+                                        const T* __restrict__ dout, const int* __restrict__ idx,
+                                        Chunk chunk, int C) {
+    const int c = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
+    if ((int)blockIdx.x < chunk.Tc) {
+        if (c < C)
+            backward_position<T, VEC>(dwte, dwpe, dout, idx, s + p.links, s + p.sorted_rows, chunk,
+                                      blockIdx.x, c, C);
+        return;
+    }
+    pdl_wait();
+    const int M = s[p.counts + kLongCount];
+    const int tile = blockIdx.x - chunk.Tc;
+    if (tile * kTile >= M) return;
+    backward_long_tile<T, VEC>(dwte, reinterpret_cast<float*>(s + p.partials), s + p.owners,
+                               s + p.counts, dout, s + p.long_keys, s + p.long_rows, M, tile, c, C);
+}
+
+// ---- backward, 3: crossing runs ------------------------------------------------------------
+
+// First index after k whose key differs from keys[k] (keys ascend over [0, M)); warp-cooperative:
+// each round the 32 lanes probe 32 evenly spaced entries and the first probe past the key narrows
+// the range ~32-fold.
+__device__ int run_end(const int* keys, int M, int k, int lane) {
+    const int key0 = keys[k];
+    int lo = k + 1, hi = M;
+    while (lo < hi) {
+        const int step = (hi - lo + 31) / 32;
+        const int q = min(lo + step * (lane + 1) - 1, hi - 1);
+        const unsigned gt = __ballot_sync(kFullMask, keys[q] > key0);
+        if (gt == 0u) break;  // keys[hi-1] <= key0 (lane 31 probed it): the answer is hi
+        const int l = __ffs(gt) - 1;
+        const int q_first = __shfl_sync(kFullMask, q, l);
+        const int q_before = __shfl_sync(kFullMask, q, l > 0 ? l - 1 : 0);
+        hi = q_first;  // keys[q_first] > key0
+        lo = l > 0 ? q_before + 1 : lo;
+    }
+    return hi;
+}
+
 // One block per owner (grid-stride; blockIdx.y: a slice of 32*VEC channels). The run's partial
 // slots (tail of the owner tile, heads of the following tiles) are split into kRunWarps
 // contiguous ranges, one per warp, and the warp sums are added in warp order: fixed order.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kRunWarps * 32)
-encoder_run_sum_kernel(T* __restrict__ dwte, T* __restrict__ dwpe,
-                       const float* __restrict__ partials, const int* __restrict__ owners,
-                       const int* __restrict__ owner_count, EntryList list, int C) {
+encoder_run_sum_kernel(T* __restrict__ dwte, const int* __restrict__ s, EncoderPlan p, int C) {
     __shared__ float red[kRunWarps][32 * VEC];
+    pdl_wait();
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int c = (blockIdx.y * 32 + lane) * VEC;
-    const int count = *owner_count;
+    const int* keys = s + p.long_keys;
+    const int M = s[p.counts + kLongCount];
+    const int count = s[p.counts + kOwnerCount];
+    const float* partials = reinterpret_cast<const float*>(s + p.partials);
     for (int o = blockIdx.x; o < count; o += gridDim.x) {
-        const int tile = owners[o];
+        const int tile = s[p.owners + o];
         const int k_last = (tile + 1) * kTile - 1;  // an owner tile is full: its run goes on
-        const int key = list.key(k_last);
-        const int end = list.run_end(k_last, lane);
+        const int end = run_end(keys, M, k_last, lane);
         const int nslots = (end - 1) / kTile - tile + 1;
         const int s0 = (int)((long long)warp * nslots / kRunWarps);
         const int s1 = (int)((long long)(warp + 1) * nslots / kRunWarps);
-        float s[VEC];
+        float sum[VEC];
 #pragma unroll
-        for (int k = 0; k < VEC; k++) s[k] = 0.0f;
+        for (int k = 0; k < VEC; k++) sum[k] = 0.0f;
         if (c < C) {
 #pragma unroll 4
             for (int i = s0; i < s1; i++) {
@@ -336,19 +555,19 @@ encoder_run_sum_kernel(T* __restrict__ dwte, T* __restrict__ dwpe,
                 float v[VEC];
                 load_partial<VEC>(v, partials + slot * C + c);
 #pragma unroll
-                for (int k = 0; k < VEC; k++) s[k] += v[k];
+                for (int k = 0; k < VEC; k++) sum[k] += v[k];
             }
         }
 #pragma unroll
-        for (int k = 0; k < VEC; k++) red[warp][lane * VEC + k] = s[k];
+        for (int k = 0; k < VEC; k++) red[warp][lane * VEC + k] = sum[k];
         __syncthreads();
         if (warp == 0 && c < C) {
-            T* row = grad_row(dwte, dwpe, key, list.V, C) + c;
+            T* row = dwte + (long long)keys[k_last] * C + c;
             float r[VEC];
             load_vec<T, VEC>(r, row);
             float tot[VEC];
 #pragma unroll
-            for (int k = 0; k < VEC; k++) tot[k] = s[k];
+            for (int k = 0; k < VEC; k++) tot[k] = sum[k];
             for (int w2 = 1; w2 < kRunWarps; w2++) {
 #pragma unroll
                 for (int k = 0; k < VEC; k++) tot[k] += red[w2][lane * VEC + k];
@@ -361,65 +580,21 @@ encoder_run_sum_kernel(T* __restrict__ dwte, T* __restrict__ dwpe,
     }
 }
 
-// ---- scratch layout (int32 elements) -------------------------------------------------------
-struct EncoderPlan {
-    int N, rounds, nchunks, ntiles, bits, passes, digit_bits;
-    long long keys_a, vals_a, keys_b, vals_b, rank, table, owner_count, owners, partials, total;
-};
-
-inline long long round_up(long long x, long long m) { return (x + m - 1) / m * m; }
-
-EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
-    if (B <= 0 || T <= 0 || C <= 0 || V <= 0)
-        throw std::invalid_argument(std::string(op) + ": B, T, C, V must be positive");
-    const long long N = (long long)B * T;
-    // The combined list has 2N entries and keys up to V + T, both held in int.
-    if (N > (1LL << 30) || (long long)V + T >= (1LL << 31) - 1)
-        throw std::invalid_argument(std::string(op) +
-                                    ": B*T must be at most 2^30 and V + T below 2^31 - 1");
-    EncoderPlan p{};
-    p.N = (int)N;
-    p.rounds = (int)std::max<long long>(kMinRounds, (N + 32LL * kMaxChunks - 1) /
-                                                        (32LL * kMaxChunks));
-    p.nchunks = (int)((N + 32LL * p.rounds - 1) / (32LL * p.rounds));
-    p.ntiles = (int)((2 * N + kTile - 1) / kTile);
-    p.bits = 32 - __builtin_clz((unsigned)V);  // keys are 0..V
-    p.passes = (p.bits + 7) / 8;
-    p.digit_bits = (p.bits + p.passes - 1) / p.passes;
-    long long off = 0;
-    auto take = [&](long long n) {  // 256-byte aligned regions
-        const long long o = off;
-        off = round_up(off + n, 64);
-        return o;
-    };
-    p.keys_a = take(N);
-    p.vals_a = take(N);
-    p.keys_b = take(N);
-    p.vals_b = take(N);
-    p.rank = take(N);
-    p.table = take((long long)kMaxBins * p.nchunks);
-    p.owner_count = take(1);
-    p.owners = take(p.ntiles);
-    p.partials = take(2LL * p.ntiles * C);  // float32 (same size as int32)
-    p.total = off;
-    return p;
-}
-
 template <typename T, int VEC>
-void launch_run_sums(T* dwte, T* dwpe, int* s, const EncoderPlan& p, EntryList list, const T* dout,
-                     int C, cudaStream_t st) {
+void launch_backward(T* dwte, T* dwpe, int* s, const EncoderPlan& p, const Chunk& chunk,
+                     const T* dout, const int* idx, int C, cudaStream_t st) {
+    const char* op = "encoder_backward";
     const int cv = C / VEC;  // vectors per row
     const int threads = std::min(256, (cv + 31) / 32 * 32);
-    const int slices = (cv + threads - 1) / threads;
-    const int run_slices = (cv + 31) / 32;
-    if (run_slices > 65535)
-        throw std::invalid_argument("encoder_backward: C too large for the grid");
-    float* partials = reinterpret_cast<float*>(s + p.partials);
-    encoder_tile_sum_kernel<T, VEC><<<dim3(p.ntiles, slices), threads, 0, st>>>(
-        dwte, dwpe, partials, s + p.owners, s + p.owner_count, dout, list, C);
-    encoder_run_sum_kernel<T, VEC><<<dim3(std::min(p.ntiles, kRunBlocks), run_slices),
-                                     kRunWarps * 32, 0, st>>>(
-        dwte, dwpe, partials, s + p.owners, s + p.owner_count, list, C);
+    const int slices = ceil_div(cv, threads);
+    const int run_slices = ceil_div(cv, 32);
+    if (run_slices > 65535) throw std::invalid_argument("encoder_backward: C too large for the grid");
+    const int tiles = ceil_div(chunk.size(), kTile);
+    launch_dependent(op, encoder_backward_kernel<T, VEC>, dim3(chunk.Tc + tiles, slices),
+                     dim3(threads), 0, st, dwte, dwpe, s, p, dout, idx, chunk, C);
+    launch_dependent(op, encoder_run_sum_kernel<T, VEC>,
+                     dim3(std::min(tiles, kRunBlocks), run_slices), dim3(kRunWarps * 32), 0, st,
+                     dwte, s, p, C);
 }
 
 }  // namespace
@@ -460,43 +635,34 @@ long long encoder_backward_scratch_size(int B, int T, int C, int V) {
 
 void encoder_backward(uintptr_t dwte, uintptr_t dwpe, uintptr_t scratch, uintptr_t dout,
                       uintptr_t idx, int B, int T, int C, int V, int dtype, uintptr_t stream) {
-    const EncoderPlan p = encoder_plan("encoder_backward", B, T, C, V);
+    const char* op = "encoder_backward";
+    const EncoderPlan p = encoder_plan(op, B, T, C, V);
     cudaStream_t st = as_stream(stream);
     int* s = as_ptr<int>(scratch);
     const int* ids = as_ptr<const int>(idx);
-    const int N = p.N;
-
-    // Step 1: LSD radix sort of the keys, positions carried along (starting from 0..N-1).
-    const int* keys_in = nullptr;
-    const int* vals_in = nullptr;
-    const int mask = (1 << p.digit_bits) - 1;
-    for (int pass = 0; pass < p.passes; pass++) {
-        int* keys_out = s + (pass % 2 == 0 ? p.keys_a : p.keys_b);
-        int* vals_out = s + (pass % 2 == 0 ? p.vals_a : p.vals_b);
-        const int shift = pass * p.digit_bits;
-        radix_rank_kernel<<<ceil_div(p.nchunks, kRankWarps), kRankWarps * 32, 0, st>>>(
-            s + p.rank, s + p.table, pass == 0 ? s + p.owner_count : nullptr, ids, keys_in, N, V,
-            shift, mask, p.rounds, p.nchunks);
-        exclusive_scan_kernel<<<1, 1024, 0, st>>>(s + p.table, (mask + 1) * p.nchunks);
-        radix_scatter_kernel<<<ceil_div(N, 256), 256, 0, st>>>(
-            keys_out, vals_out, s + p.rank, s + p.table, ids, keys_in, vals_in, N, V, shift, mask,
-            p.rounds * 32, p.nchunks);
-        keys_in = keys_out;
-        vals_in = vals_out;
-    }
-
-    // Steps 2-3: run sums over the sorted token entries followed by the position entries.
-    const EntryList list{keys_in, vals_in, N, B, T, V};
-    DISPATCH_STORAGE("encoder_backward", dtype, [&] {
+    set_smem(op, encoder_sort_kernel, sort_smem_bytes(p.max_rounds));
+    DISPATCH_STORAGE(op, dtype, [&] {
         constexpr int kVec = 16 / sizeof(scalar_t);
         const bool vec = C % kVec == 0 && aligned16(dwte) && aligned16(dwpe) && aligned16(dout) &&
                          aligned16(scratch);
-        if (vec)
-            launch_run_sums<scalar_t, kVec>(as_ptr<scalar_t>(dwte), as_ptr<scalar_t>(dwpe), s, p,
-                                            list, as_ptr<const scalar_t>(dout), C, st);
-        else
-            launch_run_sums<scalar_t, 1>(as_ptr<scalar_t>(dwte), as_ptr<scalar_t>(dwpe), s, p,
-                                         list, as_ptr<const scalar_t>(dout), C, st);
+        // Chunks in a fixed order, so each row's sum over chunks is too.
+        for (int b0 = 0; b0 < B; b0 += p.Bc) {
+            for (int t0 = 0; t0 < T; t0 += p.Tc) {
+                const Chunk chunk{b0, t0, std::min(p.Bc, B - b0), std::min(p.Tc, T - t0), T};
+                const int rounds = ceil_div(chunk.size(), kSortThreads);
+                encoder_sort_kernel<<<1, kSortThreads, sort_smem_bytes(rounds), st>>>(
+                    s + p.links, s + p.sorted_rows, s + p.long_keys, s + p.long_rows,
+                    s + p.counts, ids, chunk, V, p.passes, p.digit_bits, rounds);
+                check_launch(op);
+                if (vec)
+                    launch_backward<scalar_t, kVec>(as_ptr<scalar_t>(dwte), as_ptr<scalar_t>(dwpe),
+                                                    s, p, chunk, as_ptr<const scalar_t>(dout), ids,
+                                                    C, st);
+                else
+                    launch_backward<scalar_t, 1>(as_ptr<scalar_t>(dwte), as_ptr<scalar_t>(dwpe), s,
+                                                 p, chunk, as_ptr<const scalar_t>(dout), ids, C, st);
+            }
+        }
     });
-    check_launch("encoder_backward");
+    check_launch(op);
 }

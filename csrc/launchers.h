@@ -16,7 +16,8 @@ void encoder_forward(uintptr_t out, uintptr_t idx, uintptr_t wte, uintptr_t wpe,
 // dwte[v] += sum of dout rows whose token is v; dwpe[t] += sum_b dout[b,t]. Deterministic (same
 // bits every run, no float atomics); rows of out-of-range ids reach dwpe but no dwte row.
 // scratch: int32 workspace of encoder_backward_scratch_size(B, T, C, V) elements (256-byte aligned;
-// it holds float32 partial sums too, hence C). Needs B*T <= 2^30 and V + T < 2^31 - 1.
+// it holds float32 partial sums too, hence C; the size depends on the current GPU's shared
+// memory, which bounds the chunk one sort handles). Needs B*T <= 2^30.
 long long encoder_backward_scratch_size(int B, int T, int C, int V);
 void encoder_backward(uintptr_t dwte, uintptr_t dwpe, uintptr_t scratch, uintptr_t dout,
                       uintptr_t idx, int B, int T, int C, int V, int dtype, uintptr_t stream);

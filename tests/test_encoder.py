@@ -151,10 +151,14 @@ def test_encoder_backward_matches_reference(cp, rng, B, T, C, V, maxT):
     (3, 37, 768, 50257, 64, "repeated"),      # 5 distinct ids spread over a large vocabulary
     (8, 128, 32, 1000, 128, "all_equal"),     # one run of 1024 rows: 32 tiles, one owner
     (2, 300, 77, 1000, 300, "all_equal"),     # the same on the scalar path
-    (40, 3, 16, 2, 3, "random"),              # B > 32: every position's run crosses tiles
+    (40, 3, 16, 2, 3, "random"),              # B > 16: three chunks of up to 16 sequences
     (2, 150, 8, 70000, 150, "random"),        # V >= 2^16: three radix passes
     (3, 1000, 12, 50257, 1000, "zipf"),       # text-like skew, runs of every length
-    (2, 9000, 4, 3, 9000, "random"),          # more ids than 256 chunks of 512
+    (2, 9000, 4, 3, 9000, "random"),          # two chunks of one sequence each
+    (1, 40000, 4, 7, 40000, "random"),        # T > 16384: a sequence split over three chunks
+    (20, 1024, 8, 50257, 1024, "random"),     # GPT-2 ids, 16 + 4 sequences
+    (16, 1024, 64, 256, 1024, "zipf"),        # a byte-level vocabulary: nearly all runs long
+    (4, 205, 20, 50257, 205, "run_lengths"),  # every run length 1..40 (short/long boundary)
     (3, 7, 8, 1, 7, "random"),                # V = 1: one-bit keys (0, and 1 for skipped ids)
 ])
 def test_encoder_backward_id_patterns(cp, rng, B, T, C, V, maxT, kind):
@@ -164,6 +168,10 @@ def test_encoder_backward_id_patterns(cp, rng, B, T, C, V, maxT, kind):
         idx = np.full((B, T), V - 1, dtype=np.int32)
     elif kind == "zipf":
         idx = _zipf_ids(rng, (B, T), V)
+    elif kind == "run_lengths":
+        # id 100*j appears j times, j = 1..40, at shuffled positions (820 = B*T of the case)
+        ids = np.repeat(100 * np.arange(1, 41), np.arange(1, 41))
+        idx = rng.permutation(ids).reshape(B, T).astype(np.int32)
     else:
         idx = rng.integers(0, V, (B, T)).astype(np.int32)
     _check_backward(cp, rng, idx, C, V, maxT)

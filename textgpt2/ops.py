@@ -179,7 +179,8 @@ def encoder_backward_scratch_size(B, T, C, V):
 def encoder_backward(dout, idx, dwte, dwpe, stream=None, scratch=None):
     """Accumulates the embedding gradients: dwte[v] += sum of dout[b, t] over the (b, t) with
     idx[b, t] == v, dwpe[t] += sum over b of dout[b, t]. Bitwise reproducible (a sort of the ids
-    and fixed-order sums; no float atomics). An id outside [0, V) contributes to dwpe only.
+    and fixed-order sums; no float atomics); dout is read about once. An id outside [0, V)
+    contributes to dwpe only.
 
     dout (B, T, C); idx (B, T) int32; dwte (V, C); dwpe (maxT, C), T <= maxT; B*T <= 2**30.
     `scratch`: int32, at least encoder_backward_scratch_size(B, T, C, V) elements, 256-byte
@@ -192,8 +193,6 @@ def encoder_backward(dout, idx, dwte, dwpe, stream=None, scratch=None):
     _position_table(op, "dwpe", dwpe, T, C, {"dwte": dwte})
     if B * T > 2**30:
         raise ValueError(f"{op}: B*T = {B * T} positions exceeds the supported 2**30")
-    if V + dwpe.shape[0] >= 2**31 - 1:
-        raise ValueError(f"{op}: V + maxT = {V + dwpe.shape[0]} does not fit in int32")
     ext = extension()
     scratch = _scratch_buffer(op, scratch, ext.encoder_backward_scratch_size(B, T, C, V),
                               np.int32, stream)
