@@ -94,29 +94,30 @@ constexpr int kSortWarps = kSortThreads / 32;
 constexpr int kMaxRounds = 16;         // ids per sort thread: a chunk holds up to 16384 positions
 constexpr int kBins = 256;             // 8-bit digits
 constexpr int kBinStride = kBins + 1;  // a warp's counts, + one bin for lanes past the chunk
-constexpr int kMaxRows = 16;           // sequences per chunk: the dout rows one block keeps
+constexpr int kGroups = 4;             // threadIdx.y of the backward kernel
+constexpr int kRowsPerThread = 4;      // dout rows one backward thread keeps
+constexpr int kMaxRows = kGroups * kRowsPerThread;  // sequences per chunk
 constexpr int kShortRun = 16;          // longest run summed by the block holding its last row
 constexpr int kTile = 32;              // sorted long-run entries per tile
-constexpr int kAhead = 8;              // rows a thread loads before adding them up
+constexpr int kTileAhead = 4;          // rows a tile thread loads before adding them up
 constexpr int kRunWarps = 8;           // warps sharing one crossing run's partials
 constexpr int kRunBlocks = 128;
 static_assert(kSortWarps == 32, "the block scans keep one value per warp in one warp");
 
 __device__ __forceinline__ int token_key(int id, int V) { return (id >= 0 && id < V) ? id : V; }
 
-// The positions (b0 + b, t0 + t), b < Bc, t < Tc; local index p = b * Tc + t.
+// The positions (b0 + b, t0 + t) for b < Bc, t < Tc, with local index p = b * Tc + t. A chunk is
+// whole sequences (t0 = 0, Tc = T) or part of one (Bc = 1), so the dout row of p is base + p.
 struct Chunk {
-    int b0, t0, Bc, Tc, T;
+    int base, t0, Bc, Tc;
     __host__ __device__ int size() const { return Bc * Tc; }
-    __host__ __device__ int row(int p) const { return (b0 + p / Tc) * T + t0 + p % Tc; }
 };
 
 // Scratch, int32 elements (float32 for the partials). Sized for the largest chunk.
 struct EncoderPlan {
-    int Bc, Tc;                 // chunk shape
-    int max_rounds;             // sort rounds the GPU's shared memory allows
-    int passes, digit_bits;     // radix passes over keys 0..V
-    int ntiles;                 // long-run tiles of a full chunk
+    int Bc, Tc;              // chunk shape
+    int max_rounds;          // sort rounds the GPU's shared memory allows
+    int passes, digit_bits;  // radix passes over keys 0..V
     long long links, sorted_rows, long_keys, long_rows, counts, owners, partials, total;
 };
 
@@ -148,7 +149,7 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
     p.passes = (bits + 7) / 8;
     p.digit_bits = (bits + p.passes - 1) / p.passes;
     const long long S = (long long)p.Bc * p.Tc;
-    p.ntiles = (int)((S + kTile - 1) / kTile);
+    const long long ntiles = (S + kTile - 1) / kTile;
     long long off = 0;
     auto take = [&](long long n) {  // 256-byte aligned regions
         const long long o = off;
@@ -160,8 +161,8 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
     p.long_keys = take(S);
     p.long_rows = take(S);
     p.counts = take(2);
-    p.owners = take(p.ntiles);
-    p.partials = take(2LL * p.ntiles * C);
+    p.owners = take(ntiles);
+    p.partials = take(2 * ntiles * C);
     p.total = off;
     return p;
 }
@@ -202,12 +203,26 @@ __device__ int block_exclusive_scan(int x, int identity, Op op, int* buf, int* t
     return warp > 0 ? op(buf[warp - 1], excl) : excl;
 }
 
+// Inclusive scan over the warp's lanes under `op`.
+template <typename Op>
+__device__ __forceinline__ int warp_inclusive_scan(int x, Op op) {
+    const int lane = threadIdx.x % 32;
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(kFullMask, x, o);
+        if (lane >= o) x = op(x, y);
+    }
+    return x;
+}
+
 // Outputs, for the chunk's S positions:
 //   links[p]        (run start << 5) | (run length - 1) if p is the last position of a run of at
 //                   most kShortRun valid ids, else -1;
 //   sorted_rows[k]  the dout row of the k-th sorted entry;
 //   long_keys, long_rows: the entries of the longer runs, in sorted order, counts[kLongCount] of
 //                   them; counts[kOwnerCount] = 0 for the tiles that register crossing runs.
+// Every pass and the run analysis use one layout: warp w holds entries [w, w+1) * rounds * 32,
+// 32 consecutive ones per round, so lane order is list order and shared accesses are conflict
+// free.
 __global__ void __launch_bounds__(kSortThreads, 1)
 encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
                     int* __restrict__ long_keys, int* __restrict__ long_rows,
@@ -221,31 +236,50 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
     int* buf = table + kSortWarps * kBinStride;
     const int S = chunk.size();
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    for (int i = threadIdx.x; i < S; i += kSortThreads) {
-        skey[i] = token_key(idx[chunk.row(i)], V);
-        spos[i] = i;
-    }
-    __syncthreads();
-
-    // Stable LSD radix sort. Warp w holds entries [w, w+1) * rounds * 32, 32 per round; an entry
-    // goes to (entries with a smaller digit) + (same digit, lower warp) + (same digit, same warp,
-    // earlier): the exclusive scan of the counts in (digit, warp) order, plus the in-warp rank.
-    const int mask = (1 << digit_bits) - 1;
+    const int first = warp * rounds * 32 + lane;  // this thread's entry of round 0
     const unsigned lanes_below = (1u << lane) - 1u;
+
+    int key[kMaxRounds];
+#pragma unroll
+    for (int r = 0; r < kMaxRounds; r++) {
+        const int i = first + r * 32;
+        key[r] = r < rounds && i < S ? token_key(idx[chunk.base + i], V) : 0;
+    }
+
+    // Stable LSD radix sort: an entry goes to (entries with a smaller digit) + (same digit,
+    // lower warp) + (same digit, same warp, earlier), i.e. the exclusive scan of the counts in
+    // (digit, warp) order plus its rank in the warp. The rank comes from ballots: the lanes
+    // whose digit equals this lane's agree with it on every bit.
+    const int mask = (1 << digit_bits) - 1;
     int* hist = table + warp * kBinStride;
     for (int pass = 0; pass < passes; pass++) {
         const int shift = pass * digit_bits;
-        int key[kMaxRounds], rank_pos[kMaxRounds];  // rank in the warp << 16 | position
+        if (pass > 0) {
+#pragma unroll
+            for (int r = 0; r < kMaxRounds; r++) {
+                const int i = first + r * 32;
+                if (r < rounds && i < S) key[r] = skey[i];
+            }
+        }
         for (int d = lane; d < kBinStride; d += 32) hist[d] = 0;
         __syncwarp();
+        int rank_pos[kMaxRounds];  // rank in the warp << 16 | position
 #pragma unroll
         for (int r = 0; r < kMaxRounds; r++) {
             if (r >= rounds) break;
-            const int i = (warp * rounds + r) * 32 + lane;
-            key[r] = i < S ? skey[i] : 0;
-            const int digit = i < S ? (key[r] >> shift) & mask : kBins;
-            const unsigned peers = __match_any_sync(kFullMask, digit);
-            rank_pos[r] = (hist[digit] + __popc(peers & lanes_below)) << 16 | (i < S ? spos[i] : 0);
+            const bool valid = first + r * 32 < S;
+            const int digit = valid ? (key[r] >> shift) & mask : kBins;
+            unsigned peers = __ballot_sync(kFullMask, valid);
+            if (!valid) peers = ~peers;
+#pragma unroll
+            for (int bit = 0; bit < 8; bit++) {
+                if (bit >= digit_bits) break;
+                const unsigned ones = __ballot_sync(kFullMask, (digit >> bit) & 1);
+                peers &= ((digit >> bit) & 1) ? ones : ~ones;
+            }
+            const int i = first + r * 32;
+            const int pos = pass == 0 || !valid ? i : spos[i];
+            rank_pos[r] = (hist[digit] + __popc(peers & lanes_below)) << 16 | pos;
             __syncwarp();
             if (lane == 31 - __clz(peers)) hist[digit] += __popc(peers);  // one writer per digit
             __syncwarp();
@@ -266,9 +300,7 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
         __syncthreads();
 #pragma unroll
         for (int r = 0; r < kMaxRounds; r++) {
-            if (r >= rounds) break;
-            const int i = (warp * rounds + r) * 32 + lane;
-            if (i >= S) break;
+            if (r >= rounds || first + r * 32 >= S) break;
             const int dst = hist[(key[r] >> shift) & mask] + (rank_pos[r] >> 16);
             skey[dst] = key[r];
             spos[dst] = rank_pos[r] & 0xffff;
@@ -276,70 +308,76 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
         __syncthreads();
     }
 
-    // Runs. Thread i takes the sorted entries [i, i+1) * rounds: run starts come from a max-scan
-    // of the head positions, then the last entry of each run writes its length over the run's
-    // first key, where every entry of the run can read it.
-    const int k0 = threadIdx.x * rounds;
-    int key[kMaxRounds], start[kMaxRounds];
-    unsigned last = 0;
-    int head = -1;
+    // Runs of equal keys. Run starts: a max-scan of the head indices in list order; then the
+    // last entry of each run writes the run's length over the run's first key, where every
+    // entry of the run reads it.
+    int start[kMaxRounds];
+    unsigned last = 0;  // bit r: this thread's entry of round r ends its run
+    int carry = -1;
 #pragma unroll
-    for (int j = 0; j < kMaxRounds; j++) {
-        const int k = k0 + j;
-        if (j >= rounds || k >= S) break;
-        key[j] = skey[k];
-        if (k == 0 || skey[k - 1] != key[j]) head = k;
-        if (k == S - 1 || skey[k + 1] != key[j]) last |= 1u << j;
+    for (int r = 0; r < kMaxRounds; r++) {
+        const int k = first + r * 32;
+        if (r >= rounds) break;
+        int head = -1;
+        if (k < S) {
+            key[r] = skey[k];
+            if (k == 0 || skey[k - 1] != key[r]) head = k;
+            if (k == S - 1 || skey[k + 1] != key[r]) last |= 1u << r;
+        }
+        start[r] = max(carry, warp_inclusive_scan(head, Max()));
+        carry = __shfl_sync(kFullMask, start[r], 31);
     }
-    int run_start = block_exclusive_scan(head, -1, Max(), buf, nullptr);
+    const int before = block_exclusive_scan(lane == 31 ? carry : -1, -1, Max(), buf, nullptr);
 #pragma unroll
-    for (int j = 0; j < kMaxRounds; j++) {
-        const int k = k0 + j;
-        if (j >= rounds || k >= S) break;
-        if (k == 0 || skey[k - 1] != key[j]) run_start = k;
-        start[j] = run_start;
+    for (int r = 0; r < kMaxRounds; r++) {
+        if (r >= rounds) break;
+        start[r] = max(start[r], before);
     }
     __syncthreads();  // every key is read
 #pragma unroll
-    for (int j = 0; j < kMaxRounds; j++) {
-        const int k = k0 + j;
-        if (j >= rounds || k >= S) break;
-        if (last >> j & 1u) skey[start[j]] = k - start[j] + 1;
+    for (int r = 0; r < kMaxRounds; r++) {
+        const int k = first + r * 32;
+        if (r >= rounds || k >= S) break;
+        if (last >> r & 1u) skey[start[r]] = k - start[r] + 1;
     }
     __syncthreads();
+    // start[r] becomes the entry's link; long-run entries get -2 and a place in the long list
     int nlong = 0;
 #pragma unroll
-    for (int j = 0; j < kMaxRounds; j++) {
-        const int k = k0 + j;
-        if (j >= rounds || k >= S) break;
-        const int len = skey[start[j]];
-        if (key[j] == V) {
-            start[j] = -1;  // from here on: the link
-        } else if (len > kShortRun) {
-            start[j] = -2;  // long run
-            nlong++;
-        } else {
-            start[j] = (last >> j & 1u) ? (start[j] << 5 | (len - 1)) : -1;
+    for (int r = 0; r < kMaxRounds; r++) {
+        const int k = first + r * 32;
+        if (r >= rounds) break;
+        bool is_long = false;
+        if (k < S) {
+            const int len = skey[start[r]];
+            is_long = key[r] != V && len > kShortRun;
+            if (key[r] == V || len > kShortRun)
+                start[r] = is_long ? -2 : -1;
+            else
+                start[r] = (last >> r & 1u) ? (start[r] << 5 | (len - 1)) : -1;
         }
+        nlong += __popc(__ballot_sync(kFullMask, is_long));
     }
     int total_long;
-    int at = block_exclusive_scan(nlong, 0, Plus(), buf, &total_long);  // (syncs: lengths read)
+    int at = block_exclusive_scan(lane == 0 ? nlong : 0, 0, Plus(), buf, &total_long);
 #pragma unroll
-    for (int j = 0; j < kMaxRounds; j++) {
-        const int k = k0 + j;
-        if (j >= rounds || k >= S) break;
-        const int p = spos[k];
-        if (start[j] == -2) {
-            long_keys[at] = key[j];
-            long_rows[at] = chunk.row(p);
-            at++;
+    for (int r = 0; r < kMaxRounds; r++) {
+        const int k = first + r * 32;
+        if (r >= rounds) break;
+        const bool is_long = k < S && start[r] == -2;
+        const unsigned ballot = __ballot_sync(kFullMask, is_long);
+        if (is_long) {
+            const int dst = at + __popc(ballot & lanes_below);
+            long_keys[dst] = key[r];
+            long_rows[dst] = chunk.base + spos[k];
         }
-        skey[p] = max(start[j], -1);  // skey becomes the links, by position
+        at += __popc(ballot);
+        if (k < S) skey[spos[k]] = max(start[r], -1);  // skey becomes the links, by position
     }
     __syncthreads();
     for (int i = threadIdx.x; i < S; i += kSortThreads) {
         links[i] = skey[i];
-        sorted_rows[i] = chunk.row(spos[i]);
+        sorted_rows[i] = chunk.base + spos[i];
     }
     if (threadIdx.x == 0) {
         counts[kLongCount] = total_long;
@@ -349,7 +387,8 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
 
 // ---- backward, 2: dwpe and short runs by position, long runs by tile ---------------------------
 
-// One block per local position t (and channel slice): dwpe first, then the short runs ending here.
+// One block per local position t (and channel slice); thread group y = threadIdx.y holds the
+// rows b = y * kRowsPerThread + u. dwpe first, then the short runs that end at this position.
 template <typename T, int VEC>
 __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __restrict__ dwpe,
                                                   const T* __restrict__ dout,
@@ -357,67 +396,85 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
                                                   const int* __restrict__ links,
                                                   const int* __restrict__ sorted_rows,
                                                   const Chunk& chunk, int t, int c, int C) {
-    float g[kMaxRows][VEC];  // dout[b0 + b, t0 + t], kept from the dwpe sum to the dwte update
-    float acc[VEC];
+    extern __shared__ float part[];  // [kGroups][blockDim.x * VEC]: each group's dwpe share
+    const int y = threadIdx.y, b0 = y * kRowsPerThread;
+    const bool active = c < C;
+    float g[kRowsPerThread][VEC];  // dout[b0 + u, t0 + t], kept from the dwpe sum to dwte
+    int id[kRowsPerThread];
 #pragma unroll
-    for (int b = 0; b < kMaxRows; b++)
-        if (b < chunk.Bc) load_vec<T, VEC>(g[b], dout + (long long)chunk.row(b * chunk.Tc + t) * C + c);
+    for (int u = 0; u < kRowsPerThread; u++) {
+        const int b = b0 + u;
 #pragma unroll
-    for (int k = 0; k < VEC; k++) acc[k] = 0.0f;
-#pragma unroll
-    for (int b = 0; b < kMaxRows; b++) {
-        if (b >= chunk.Bc) break;
-#pragma unroll
-        for (int k = 0; k < VEC; k++) acc[k] += g[b][k];
+        for (int k = 0; k < VEC; k++) g[u][k] = 0.0f;
+        if (b < chunk.Bc) {
+            const int row = chunk.base + b * chunk.Tc + t;
+            id[u] = idx[row];
+            if (active) load_vec<T, VEC>(g[u], dout + (long long)row * C + c);
+        }
     }
-    T* prow = dwpe + (long long)(chunk.t0 + t) * C + c;
-    float w[VEC];
-    load_vec<T, VEC>(w, prow);
+    float sum[VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; k++) w[k] += acc[k];
-    store_vec<T, VEC>(prow, w);
+    for (int k = 0; k < VEC; k++) sum[k] = 0.0f;
+#pragma unroll
+    for (int u = 0; u < kRowsPerThread; u++) {
+        if (b0 + u >= chunk.Bc) break;
+#pragma unroll
+        for (int k = 0; k < VEC; k++) sum[k] += g[u][k];
+    }
+    float* mine = part + (y * blockDim.x + threadIdx.x) * VEC;
+#pragma unroll
+    for (int k = 0; k < VEC; k++) mine[k] = sum[k];
+    __syncthreads();
+    if (y == 0 && active) {  // the groups' shares in group order
+        T* prow = dwpe + (long long)(chunk.t0 + t) * C + c;
+        float w[VEC];
+        load_vec<T, VEC>(w, prow);
+        for (int y2 = 1; y2 < kGroups && y2 * kRowsPerThread < chunk.Bc; y2++) {
+            const float* other = part + (y2 * blockDim.x + threadIdx.x) * VEC;
+#pragma unroll
+            for (int k = 0; k < VEC; k++) sum[k] += other[k];
+        }
+#pragma unroll
+        for (int k = 0; k < VEC; k++) w[k] += sum[k];
+        store_vec<T, VEC>(prow, w);
+    }
 
     pdl_wait();  // the links are the sort's
+    if (!active) return;
     // Every dwte row written here belongs to one run, and no other block writes it, so all loads
-    // of a batch can go before its stores.
+    // can go before the stores.
+    int link[kRowsPerThread];
 #pragma unroll
-    for (int b0 = 0; b0 < kMaxRows; b0 += kAhead) {
-        int link[kAhead], id[kAhead];
-        float row[kAhead][VEC];
+    for (int u = 0; u < kRowsPerThread; u++)
+        link[u] = b0 + u < chunk.Bc ? links[(b0 + u) * chunk.Tc + t] : -1;
+    float w[kRowsPerThread][VEC];
 #pragma unroll
-        for (int u = 0; u < kAhead; u++)
-            link[u] = b0 + u < chunk.Bc ? links[(b0 + u) * chunk.Tc + t] : -1;
+    for (int u = 0; u < kRowsPerThread; u++)
+        if (link[u] >= 0) load_vec<T, VEC>(w[u], dwte + (long long)id[u] * C + c);
 #pragma unroll
-        for (int u = 0; u < kAhead; u++)
-            if (link[u] >= 0) id[u] = idx[chunk.row((b0 + u) * chunk.Tc + t)];
+    for (int u = 0; u < kRowsPerThread; u++) {
+        if (link[u] < 0) continue;
+        // the run's rows in sorted order; this position's own row is the last of them
+        const int run0 = link[u] >> 5, len = (link[u] & 31) + 1;
+        float acc[VEC];
 #pragma unroll
-        for (int u = 0; u < kAhead; u++)
-            if (link[u] >= 0) load_vec<T, VEC>(row[u], dwte + (long long)id[u] * C + c);
-#pragma unroll
-        for (int u = 0; u < kAhead; u++) {
-            if (link[u] < 0) continue;
-            // the run's rows in sorted order; this position's own row is the last of them
-            const int first = link[u] >> 5, len = (link[u] & 31) + 1;
-            float sum[VEC];
-#pragma unroll
-            for (int k = 0; k < VEC; k++) sum[k] = 0.0f;
+        for (int k = 0; k < VEC; k++) acc[k] = 0.0f;
 #pragma unroll 4
-            for (int j = 0; j < len - 1; j++) {
-                float h[VEC];
-                load_vec<T, VEC>(h, dout + (long long)sorted_rows[first + j] * C + c);
+        for (int j = 0; j < len - 1; j++) {
+            float h[VEC];
+            load_vec<T, VEC>(h, dout + (long long)sorted_rows[run0 + j] * C + c);
 #pragma unroll
-                for (int k = 0; k < VEC; k++) sum[k] += h[k];
-            }
-#pragma unroll
-            for (int k = 0; k < VEC; k++) row[u][k] += sum[k] + g[b0 + u][k];
-            store_vec<T, VEC>(dwte + (long long)id[u] * C + c, row[u]);
+            for (int k = 0; k < VEC; k++) acc[k] += h[k];
         }
+#pragma unroll
+        for (int k = 0; k < VEC; k++) w[u][k] += acc[k] + g[u][k];
+        store_vec<T, VEC>(dwte + (long long)id[u] * C + c, w[u]);
     }
 }
 
-// Partial slots: 2*tile holds the tile's share of a run that began in an earlier tile ("head"),
-// 2*tile+1 the share of a run that begins here and goes on into the next tile ("tail"); the tile
-// that holds a run's tail registers as its owner for run_sum.
+// One tile per thread group y. Partial slots: 2*tile holds the tile's share of a run that began
+// in an earlier tile ("head"), 2*tile+1 the share of a run that begins here and goes on into the
+// next tile ("tail"); the tile that holds a run's tail registers as its owner for run_sum.
 template <typename T, int VEC>
 __device__ __forceinline__ void backward_long_tile(T* __restrict__ dwte, float* __restrict__ partials,
                                                    int* __restrict__ owners, int* __restrict__ counts,
@@ -425,16 +482,19 @@ __device__ __forceinline__ void backward_long_tile(T* __restrict__ dwte, float* 
                                                    const int* __restrict__ keys,
                                                    const int* __restrict__ rows, int M, int tile,
                                                    int c, int C) {
-    __shared__ int skey[kTile + 2];  // [0]: entry before the tile, [n+1]: entry after (-1: none)
-    __shared__ int srow[kTile];
+    __shared__ int skey_all[kGroups][kTile + 2];  // [0]: entry before the tile, [n+1]: after
+    __shared__ int srow_all[kGroups][kTile];
+    int* skey = skey_all[threadIdx.y];
+    int* srow = srow_all[threadIdx.y];
     const int k0 = tile * kTile;
-    const int n = min(kTile, M - k0);
+    const int n = min(kTile, M - k0);  // <= 0: no tile for this group
     for (int j = threadIdx.x; j < n + 2; j += blockDim.x) {
         const int k = k0 - 1 + j;
         skey[j] = (k >= 0 && k < M) ? keys[k] : -1;
         if (j >= 1 && j <= n) srow[j - 1] = rows[k];
     }
     __syncthreads();
+    if (n <= 0) return;
     const int prev_key = skey[0], next_key = skey[n + 1];
     // A run is contiguous, so the tile's last run began before the tile only if it fills the tile.
     if (blockIdx.y == 0 && threadIdx.x == 0 && skey[n] == next_key && skey[n] != prev_key)
@@ -443,11 +503,11 @@ __device__ __forceinline__ void backward_long_tile(T* __restrict__ dwte, float* 
     float acc[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; k++) acc[k] = 0.0f;
-    for (int j0 = 0; j0 < n; j0 += kAhead) {
+    for (int j0 = 0; j0 < n; j0 += kTileAhead) {
         // All loads of the batch first (they are independent), then the ordered additions.
-        float g[kAhead][VEC], w[kAhead][VEC];
+        float g[kTileAhead][VEC], w[kTileAhead][VEC];
 #pragma unroll
-        for (int u = 0; u < kAhead; u++) {
+        for (int u = 0; u < kTileAhead; u++) {
             const int j = j0 + u;
             if (j >= n) break;
             const int key = skey[j + 1];
@@ -457,7 +517,7 @@ __device__ __forceinline__ void backward_long_tile(T* __restrict__ dwte, float* 
                 load_vec<T, VEC>(w[u], dwte + (long long)key * C + c);
         }
 #pragma unroll
-        for (int u = 0; u < kAhead; u++) {
+        for (int u = 0; u < kTileAhead; u++) {
             const int j = j0 + u;
             if (j >= n) break;
             const int key = skey[j + 1];
@@ -480,26 +540,26 @@ __device__ __forceinline__ void backward_long_tile(T* __restrict__ dwte, float* 
     }
 }
 
-// blockIdx.x < Tc: a position; above: a tile of the long-run list (most of them find it empty).
+// blockIdx.x < Tc: a position; above: kGroups tiles of the long-run list (usually empty).
 // blockIdx.y: a slice of blockDim.x * VEC channels.
 template <typename T, int VEC>
-__global__ void encoder_backward_kernel(T* __restrict__ dwte, T* __restrict__ dwpe,
+__global__ void __launch_bounds__(kGroups * 256) encoder_backward_kernel(T* __restrict__ dwte, T* __restrict__ dwpe,
                                         int* __restrict__ s, EncoderPlan p,
                                         const T* __restrict__ dout, const int* __restrict__ idx,
                                         Chunk chunk, int C) {
     const int c = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
     if ((int)blockIdx.x < chunk.Tc) {
-        if (c < C)
-            backward_position<T, VEC>(dwte, dwpe, dout, idx, s + p.links, s + p.sorted_rows, chunk,
-                                      blockIdx.x, c, C);
+        backward_position<T, VEC>(dwte, dwpe, dout, idx, s + p.links, s + p.sorted_rows, chunk,
+                                  blockIdx.x, c, C);
         return;
     }
     pdl_wait();
     const int M = s[p.counts + kLongCount];
-    const int tile = blockIdx.x - chunk.Tc;
-    if (tile * kTile >= M) return;
+    const int tile0 = (blockIdx.x - chunk.Tc) * kGroups;
+    if (tile0 * kTile >= M) return;  // the whole block: no tile here
     backward_long_tile<T, VEC>(dwte, reinterpret_cast<float*>(s + p.partials), s + p.owners,
-                               s + p.counts, dout, s + p.long_keys, s + p.long_rows, M, tile, c, C);
+                               s + p.counts, dout, s + p.long_keys, s + p.long_rows, M,
+                               tile0 + threadIdx.y, c, C);
 }
 
 // ---- backward, 3: crossing runs ------------------------------------------------------------
@@ -589,12 +649,13 @@ void launch_backward(T* dwte, T* dwpe, int* s, const EncoderPlan& p, const Chunk
     const int slices = ceil_div(cv, threads);
     const int run_slices = ceil_div(cv, 32);
     if (run_slices > 65535) throw std::invalid_argument("encoder_backward: C too large for the grid");
-    const int tiles = ceil_div(chunk.size(), kTile);
-    launch_dependent(op, encoder_backward_kernel<T, VEC>, dim3(chunk.Tc + tiles, slices),
-                     dim3(threads), 0, st, dwte, dwpe, s, p, dout, idx, chunk, C);
+    const int tile_blocks = ceil_div(ceil_div(chunk.size(), kTile), kGroups);
+    const size_t smem = sizeof(float) * kGroups * threads * VEC;
+    launch_dependent(op, encoder_backward_kernel<T, VEC>, dim3(chunk.Tc + tile_blocks, slices),
+                     dim3(threads, kGroups), smem, st, dwte, dwpe, s, p, dout, idx, chunk, C);
     launch_dependent(op, encoder_run_sum_kernel<T, VEC>,
-                     dim3(std::min(tiles, kRunBlocks), run_slices), dim3(kRunWarps * 32), 0, st,
-                     dwte, s, p, C);
+                     dim3(std::min(ceil_div(chunk.size(), kTile), kRunBlocks), run_slices),
+                     dim3(kRunWarps * 32), 0, st, dwte, s, p, C);
 }
 
 }  // namespace
@@ -648,7 +709,7 @@ void encoder_backward(uintptr_t dwte, uintptr_t dwpe, uintptr_t scratch, uintptr
         // Chunks in a fixed order, so each row's sum over chunks is too.
         for (int b0 = 0; b0 < B; b0 += p.Bc) {
             for (int t0 = 0; t0 < T; t0 += p.Tc) {
-                const Chunk chunk{b0, t0, std::min(p.Bc, B - b0), std::min(p.Tc, T - t0), T};
+                const Chunk chunk{b0 * T + t0, t0, std::min(p.Bc, B - b0), std::min(p.Tc, T - t0)};
                 const int rounds = ceil_div(chunk.size(), kSortThreads);
                 encoder_sort_kernel<<<1, kSortThreads, sort_smem_bytes(rounds), st>>>(
                     s + p.links, s + p.sorted_rows, s + p.long_keys, s + p.long_rows,
