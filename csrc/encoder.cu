@@ -359,7 +359,8 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
         nlong += __popc(__ballot_sync(kFullMask, is_long));
     }
     int total_long;
-    int at = block_exclusive_scan(lane == 0 ? nlong : 0, 0, Plus(), buf, &total_long);
+    // (lane 31 speaks for the warp, so no lane of the warp counts its own warp)
+    int at = block_exclusive_scan(lane == 31 ? nlong : 0, 0, Plus(), buf, &total_long);
 #pragma unroll
     for (int r = 0; r < kMaxRounds; r++) {
         const int k = first + r * 32;
