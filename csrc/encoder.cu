@@ -29,10 +29,13 @@
 #include <algorithm>
 #include <cstring>
 
+#include <cooperative_groups.h>
+
 #include "common.cuh"
 #include "launchers.h"
 
 namespace {
+namespace cg = cooperative_groups;
 
 // Partial sums are float32 whatever the storage type (VEC of them, 16-byte aligned when VEC%4==0).
 template <int VEC>
@@ -89,9 +92,10 @@ __global__ void encoder_forward_kernel(T* __restrict__ out, const int* __restric
 }
 
 // ---- backward: chunks and scratch ----------------------------------------------------------
-constexpr int kSortThreads = 1024;
+constexpr int kCluster = 8;            // sort blocks on Hopper and later (a portable cluster size)
+constexpr int kSortThreads = 512;
 constexpr int kSortWarps = kSortThreads / 32;
-constexpr int kMaxRounds = 16;         // ids per sort thread: a chunk holds up to 16384 positions
+constexpr int kMaxRounds = 16;         // ids per sort thread: up to 8192 per block, 65536 a chunk
 constexpr int kBins = 256;             // 8-bit digits
 constexpr int kBinStride = kBins + 1;  // a warp's counts, + one bin for lanes past the chunk
 constexpr int kGroups = 4;             // threadIdx.y of the backward kernel
@@ -102,7 +106,6 @@ constexpr int kTile = 32;              // sorted long-run entries per tile
 constexpr int kTileAhead = 4;          // rows a tile thread loads before adding them up
 constexpr int kRunWarps = 8;           // warps sharing one crossing run's partials
 constexpr int kRunBlocks = 128;
-static_assert(kSortWarps == 32, "the block scans keep one value per warp in one warp");
 
 __device__ __forceinline__ int token_key(int id, int V) { return (id >= 0 && id < V) ? id : V; }
 
@@ -116,6 +119,7 @@ struct Chunk {
 // Scratch, int32 elements (float32 for the partials). Sized for the largest chunk.
 struct EncoderPlan {
     int Bc, Tc;              // chunk shape
+    int cluster;             // sort blocks: kCluster, or 1 before Hopper
     int max_rounds;          // sort rounds the GPU's shared memory allows
     int passes, digit_bits;  // radix passes over keys 0..V
     long long links, sorted_rows, long_keys, long_rows, counts, owners, partials, total;
@@ -127,8 +131,8 @@ constexpr int kLongCount = 0, kOwnerCount = 1;
 inline long long round_up(long long x, long long m) { return (x + m - 1) / m * m; }
 
 inline int sort_smem_bytes(int rounds) {
-    // keys and positions of the chunk, the per-warp digit counts, 32 ints for the block scans
-    return (int)sizeof(int) * (2 * rounds * kSortThreads + kSortWarps * kBinStride + 32);
+    // keys and positions of the block's entries, per-warp digit counts, per-digit bases, 64 ints
+    return (int)sizeof(int) * (2 * rounds * kSortThreads + kSortWarps * kBinStride + kBins + 64);
 }
 
 EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
@@ -140,9 +144,10 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
     CUDA_CHECK(op, cudaGetDevice(&dev));
     CUDA_CHECK(op, cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     EncoderPlan p{};
+    p.cluster = device_has_pdl(op) ? kCluster : 1;  // clusters came with the same GPUs (sm_90)
     p.max_rounds = kMaxRounds;
     while (p.max_rounds > 1 && sort_smem_bytes(p.max_rounds) > optin) p.max_rounds /= 2;
-    const int cap = p.max_rounds * kSortThreads;
+    const int cap = p.cluster * p.max_rounds * kSortThreads;  // positions fit in 16 bits
     p.Tc = std::min(T, cap);
     p.Bc = std::min({B, kMaxRows, cap / p.Tc});
     const int bits = 32 - __builtin_clz((unsigned)V);  // keys are 0..V
@@ -168,40 +173,39 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
 }
 
 // ---- backward, 1: sort one chunk's ids -----------------------------------------------------
+// The sort runs on a cluster of kCluster blocks (Hopper and later; one block before): block q
+// holds the sorted list's entries [q, q+1) * Sb, and the blocks exchange digit counts, entries
+// and run lengths through distributed shared memory. Spread over 8 SMs it takes a few
+// microseconds instead of tens on one.
+template <int G> __device__ __forceinline__ int cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (G > 1) return (int)cg::this_cluster().block_rank();
+#endif
+    return 0;
+}
+template <int G> __device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (G > 1) {
+        cg::this_cluster().sync();
+        return;
+    }
+#endif
+    __syncthreads();
+}
+// The same shared array in cluster block q.
+template <int G> __device__ __forceinline__ int* peer(int* p, int q) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (G > 1) return cg::this_cluster().map_shared_rank(p, q);
+#endif
+    return p;
+}
+
 struct Plus {
     __device__ int operator()(int a, int b) const { return a + b; }
 };
 struct Max {
     __device__ int operator()(int a, int b) const { return max(a, b); }
 };
-
-// Exclusive scan of one int per thread over the block (kSortThreads threads) under `op`;
-// *total (if given) receives the reduction of all of them. `buf`: 32 ints of shared memory.
-template <typename Op>
-__device__ int block_exclusive_scan(int x, int identity, Op op, int* buf, int* total) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    int incl = x;
-    for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(kFullMask, incl, o);
-        if (lane >= o) incl = op(incl, y);
-    }
-    __syncthreads();  // buf may still be read after a previous call
-    if (lane == 31) buf[warp] = incl;
-    __syncthreads();
-    if (warp == 0) {
-        int w = buf[lane];
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(kFullMask, w, o);
-            if (lane >= o) w = op(w, y);
-        }
-        buf[lane] = w;
-    }
-    __syncthreads();
-    int excl = __shfl_up_sync(kFullMask, incl, 1);
-    if (lane == 0) excl = identity;
-    if (total != nullptr) *total = buf[31];
-    return warp > 0 ? op(buf[warp - 1], excl) : excl;
-}
 
 // Inclusive scan over the warp's lanes under `op`.
 template <typename Op>
@@ -214,42 +218,76 @@ __device__ __forceinline__ int warp_inclusive_scan(int x, Op op) {
     return x;
 }
 
-// Outputs, for the chunk's S positions:
+// Exclusive scan of one int per thread over the block under `op`; *total (if given) receives the
+// reduction of all of them. `buf`: 32 ints of shared memory.
+template <typename Op>
+__device__ int block_exclusive_scan(int x, int identity, Op op, int* buf, int* total) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    const int incl = warp_inclusive_scan(x, op);
+    __syncthreads();  // buf may still be read after a previous call
+    if (lane == 31) buf[warp] = incl;
+    __syncthreads();
+    if (warp == 0) buf[lane] = warp_inclusive_scan(lane < nwarps ? buf[lane] : identity, op);
+    __syncthreads();
+    int excl = __shfl_up_sync(kFullMask, incl, 1);
+    if (lane == 0) excl = identity;
+    if (total != nullptr) *total = buf[nwarps - 1];
+    return warp > 0 ? op(buf[warp - 1], excl) : excl;
+}
+
+// Over the cluster: the reduction under `op` of `value` (one per block, held by every thread)
+// over the blocks before this one. `slot`: one int of shared memory; ends with a cluster sync.
+template <int G, typename Op>
+__device__ int cluster_exclusive(int value, int identity, Op op, int* slot) {
+    if (threadIdx.x == 0) *slot = value;
+    cluster_sync<G>();
+    int acc = identity;
+    for (int q = 0; q < cluster_rank<G>(); q++) acc = op(acc, *peer<G>(slot, q));
+    return acc;
+}
+
+// Outputs, for the chunk's S positions (p: local index, its dout row base + p):
 //   links[p]        (run start << 5) | (run length - 1) if p is the last position of a run of at
 //                   most kShortRun valid ids, else -1;
 //   sorted_rows[k]  the dout row of the k-th sorted entry;
 //   long_keys, long_rows: the entries of the longer runs, in sorted order, counts[kLongCount] of
 //                   them; counts[kOwnerCount] = 0 for the tiles that register crossing runs.
-// Every pass and the run analysis use one layout: warp w holds entries [w, w+1) * rounds * 32,
-// 32 consecutive ones per round, so lane order is list order and shared accesses are conflict
-// free.
-__global__ void __launch_bounds__(kSortThreads, 1)
+// Layout: block q holds list entries [q*Sb, q*Sb + nb); its warp w holds the block's entries
+// [w, w+1) * rounds * 32, 32 consecutive ones per round, so lane order is list order and shared
+// accesses are conflict free.
+template <int G>
+__global__ void __launch_bounds__(kSortThreads)
 encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
                     int* __restrict__ long_keys, int* __restrict__ long_rows,
                     int* __restrict__ counts, const int* __restrict__ idx, Chunk chunk, int V,
-                    int passes, int digit_bits, int rounds) {
+                    int passes, int digit_bits, int Sb, int rounds) {
     pdl_launch_dependents();  // the backward kernel's dwpe half needs nothing from here
     extern __shared__ int smem[];
-    int* skey = smem;                          // [rounds * kSortThreads]
-    int* spos = skey + rounds * kSortThreads;  // [rounds * kSortThreads]
-    int* table = spos + rounds * kSortThreads; // [kSortWarps][kBinStride]
-    int* buf = table + kSortWarps * kBinStride;
+    int* skey = smem;                           // [rounds * kSortThreads]
+    int* spos = skey + rounds * kSortThreads;   // [rounds * kSortThreads]
+    int* table = spos + rounds * kSortThreads;  // [kSortWarps][kBinStride]: per-warp digit counts
+    int* gbase = table + kSortWarps * kBinStride;  // [kBins]: the block's counts, then bases
+    int* buf = gbase + kBins;                   // [32] block scans, [32]: cluster slot
+    int* slot = buf + 32;
     const int S = chunk.size();
+    const int q = cluster_rank<G>();
+    const int e0 = q * Sb;                      // the block's first list entry
+    const int nb = max(0, min(Sb, S - e0));
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int first = warp * rounds * 32 + lane;  // this thread's entry of round 0
+    const int first = warp * rounds * 32 + lane;  // this thread's local entry of round 0
     const unsigned lanes_below = (1u << lane) - 1u;
 
     int key[kMaxRounds];
 #pragma unroll
     for (int r = 0; r < kMaxRounds; r++) {
         const int i = first + r * 32;
-        key[r] = r < rounds && i < S ? token_key(idx[chunk.base + i], V) : 0;
+        key[r] = r < rounds && i < nb ? token_key(idx[chunk.base + e0 + i], V) : 0;
     }
 
     // Stable LSD radix sort: an entry goes to (entries with a smaller digit) + (same digit,
-    // lower warp) + (same digit, same warp, earlier), i.e. the exclusive scan of the counts in
-    // (digit, warp) order plus its rank in the warp. The rank comes from ballots: the lanes
-    // whose digit equals this lane's agree with it on every bit.
+    // earlier block) + (same digit, same block, lower warp) + (same digit, same warp, earlier).
+    // The in-warp rank comes from ballots: the lanes whose digit equals this lane's agree with
+    // it on every bit.
     const int mask = (1 << digit_bits) - 1;
     int* hist = table + warp * kBinStride;
     for (int pass = 0; pass < passes; pass++) {
@@ -258,7 +296,7 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
 #pragma unroll
             for (int r = 0; r < kMaxRounds; r++) {
                 const int i = first + r * 32;
-                if (r < rounds && i < S) key[r] = skey[i];
+                if (r < rounds && i < nb) key[r] = skey[i];
             }
         }
         for (int d = lane; d < kBinStride; d += 32) hist[d] = 0;
@@ -267,7 +305,8 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
 #pragma unroll
         for (int r = 0; r < kMaxRounds; r++) {
             if (r >= rounds) break;
-            const bool valid = first + r * 32 < S;
+            const int i = first + r * 32;
+            const bool valid = i < nb;
             const int digit = valid ? (key[r] >> shift) & mask : kBins;
             unsigned peers = __ballot_sync(kFullMask, valid);
             if (!valid) peers = ~peers;
@@ -277,35 +316,49 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
                 const unsigned ones = __ballot_sync(kFullMask, (digit >> bit) & 1);
                 peers &= ((digit >> bit) & 1) ? ones : ~ones;
             }
-            const int i = first + r * 32;
-            const int pos = pass == 0 || !valid ? i : spos[i];
+            const int pos = pass == 0 || !valid ? e0 + i : spos[i];
             rank_pos[r] = (hist[digit] + __popc(peers & lanes_below)) << 16 | pos;
             __syncwarp();
             if (lane == 31 - __clz(peers)) hist[digit] += __popc(peers);  // one writer per digit
             __syncwarp();
         }
         __syncthreads();
-        const int ncells = (mask + 1) * kSortWarps;
-        const int per = (ncells + kSortThreads - 1) / kSortThreads;
-        const int c0 = min((int)threadIdx.x * per, ncells), c1 = min(c0 + per, ncells);
-        int sum = 0;
-        for (int e = c0; e < c1; e++) sum += table[(e % kSortWarps) * kBinStride + e / kSortWarps];
-        int running = block_exclusive_scan(sum, 0, Plus(), buf, nullptr);
-        for (int e = c0; e < c1; e++) {
-            int& cell = table[(e % kSortWarps) * kBinStride + e / kSortWarps];
-            const int count = cell;
-            cell = running;
-            running += count;
+        // the block's count of each digit, then each (digit, warp) cell's exclusive prefix within
+        // its digit
+        for (int d = threadIdx.x; d <= mask; d += kSortThreads) {
+            int running = 0;
+            for (int w = 0; w < kSortWarps; w++) {
+                const int count = table[w * kBinStride + d];
+                table[w * kBinStride + d] = running;
+                running += count;
+            }
+            gbase[d] = running;
         }
+        cluster_sync<G>();  // every block's counts are out; every key of this pass is read
+        // digit d's entries of this block start at (all entries with smaller digits) + (digit d
+        // in earlier blocks)
+        int below = 0, total = 0;
+        if ((int)threadIdx.x <= mask) {
+            for (int b = 0; b < G; b++) {
+                const int count = peer<G>(gbase, b)[threadIdx.x];
+                if (b < q) below += count;
+                total += count;
+            }
+        }
+        const int start = block_exclusive_scan((int)threadIdx.x <= mask ? total : 0, 0, Plus(),
+                                               buf, nullptr);
+        cluster_sync<G>();  // every block has read gbase
+        if ((int)threadIdx.x <= mask) gbase[threadIdx.x] = start + below;
         __syncthreads();
 #pragma unroll
         for (int r = 0; r < kMaxRounds; r++) {
-            if (r >= rounds || first + r * 32 >= S) break;
-            const int dst = hist[(key[r] >> shift) & mask] + (rank_pos[r] >> 16);
-            skey[dst] = key[r];
-            spos[dst] = rank_pos[r] & 0xffff;
+            if (r >= rounds || first + r * 32 >= nb) break;
+            const int digit = (key[r] >> shift) & mask;
+            const int dst = gbase[digit] + hist[digit] + (rank_pos[r] >> 16);
+            peer<G>(skey, dst / Sb)[dst % Sb] = key[r];
+            peer<G>(spos, dst / Sb)[dst % Sb] = rank_pos[r] & 0xffff;
         }
-        __syncthreads();
+        cluster_sync<G>();
     }
 
     // Runs of equal keys. Run starts: a max-scan of the head indices in list order; then the
@@ -316,74 +369,73 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
     int carry = -1;
 #pragma unroll
     for (int r = 0; r < kMaxRounds; r++) {
-        const int k = first + r * 32;
         if (r >= rounds) break;
+        const int i = first + r * 32, e = e0 + i;
         int head = -1;
-        if (k < S) {
-            key[r] = skey[k];
-            if (k == 0 || skey[k - 1] != key[r]) head = k;
-            if (k == S - 1 || skey[k + 1] != key[r]) last |= 1u << r;
+        if (i < nb) {
+            key[r] = skey[i];
+            const int prev = i > 0 ? skey[i - 1] : (q > 0 ? peer<G>(skey, q - 1)[Sb - 1] : -1);
+            const int next = i + 1 < nb ? skey[i + 1] : (e + 1 < S ? peer<G>(skey, q + 1)[0] : -1);
+            if (prev != key[r]) head = e;
+            if (next != key[r]) last |= 1u << r;
         }
         start[r] = max(carry, warp_inclusive_scan(head, Max()));
         carry = __shfl_sync(kFullMask, start[r], 31);
     }
-    const int before = block_exclusive_scan(lane == 31 ? carry : -1, -1, Max(), buf, nullptr);
+    int block_max;
+    const int before = block_exclusive_scan(lane == 31 ? carry : -1, -1, Max(), buf, &block_max);
+    const int before_block = cluster_exclusive<G>(block_max, -1, Max(), slot);  // keys all read
 #pragma unroll
     for (int r = 0; r < kMaxRounds; r++) {
         if (r >= rounds) break;
-        start[r] = max(start[r], before);
+        start[r] = max(start[r], max(before, before_block));
+        const int i = first + r * 32;
+        if (i < nb && (last >> r & 1u))
+            peer<G>(skey, start[r] / Sb)[start[r] % Sb] = e0 + i - start[r] + 1;
     }
-    __syncthreads();  // every key is read
-#pragma unroll
-    for (int r = 0; r < kMaxRounds; r++) {
-        const int k = first + r * 32;
-        if (r >= rounds || k >= S) break;
-        if (last >> r & 1u) skey[start[r]] = k - start[r] + 1;
-    }
-    __syncthreads();
+    cluster_sync<G>();
     // start[r] becomes the entry's link; long-run entries get -2 and a place in the long list
     int nlong = 0;
 #pragma unroll
     for (int r = 0; r < kMaxRounds; r++) {
-        const int k = first + r * 32;
         if (r >= rounds) break;
+        const int i = first + r * 32;
         bool is_long = false;
-        if (k < S) {
-            const int len = skey[start[r]];
+        if (i < nb) {
+            const int len = peer<G>(skey, start[r] / Sb)[start[r] % Sb];
             is_long = key[r] != V && len > kShortRun;
             if (key[r] == V || len > kShortRun)
                 start[r] = is_long ? -2 : -1;
             else
                 start[r] = (last >> r & 1u) ? (start[r] << 5 | (len - 1)) : -1;
+            links[spos[i]] = max(start[r], -1);
         }
         nlong += __popc(__ballot_sync(kFullMask, is_long));
     }
-    int total_long;
+    int block_long;
     // (lane 31 speaks for the warp, so no lane of the warp counts its own warp)
-    int at = block_exclusive_scan(lane == 31 ? nlong : 0, 0, Plus(), buf, &total_long);
+    int at = block_exclusive_scan(lane == 31 ? nlong : 0, 0, Plus(), buf, &block_long);
+    const int long_before = cluster_exclusive<G>(block_long, 0, Plus(), slot);
+    at += long_before;
 #pragma unroll
     for (int r = 0; r < kMaxRounds; r++) {
-        const int k = first + r * 32;
         if (r >= rounds) break;
-        const bool is_long = k < S && start[r] == -2;
+        const int i = first + r * 32;
+        const bool is_long = i < nb && start[r] == -2;
         const unsigned ballot = __ballot_sync(kFullMask, is_long);
         if (is_long) {
             const int dst = at + __popc(ballot & lanes_below);
             long_keys[dst] = key[r];
-            long_rows[dst] = chunk.base + spos[k];
+            long_rows[dst] = chunk.base + spos[i];
         }
         at += __popc(ballot);
-        if (k < S) skey[spos[k]] = max(start[r], -1);  // skey becomes the links, by position
     }
-    __syncthreads();
-    for (int i = threadIdx.x; i < S; i += kSortThreads) {
-        links[i] = skey[i];
-        sorted_rows[i] = chunk.base + spos[i];
-    }
-    if (threadIdx.x == 0) {
-        counts[kLongCount] = total_long;
+    for (int i = threadIdx.x; i < nb; i += kSortThreads) sorted_rows[e0 + i] = chunk.base + spos[i];
+    if (q == G - 1 && threadIdx.x == 0) {  // the last block knows the whole list's length
+        counts[kLongCount] = long_before + block_long;
         counts[kOwnerCount] = 0;
     }
+    cluster_sync<G>();  // no block leaves while others may read its shared memory
 }
 
 // ---- backward, 2: dwpe and short runs by position, long runs by tile ---------------------------
@@ -544,7 +596,7 @@ __device__ __forceinline__ void backward_long_tile(T* __restrict__ dwte, float* 
 // blockIdx.x < Tc: a position; above: kGroups tiles of the long-run list (usually empty).
 // blockIdx.y: a slice of blockDim.x * VEC channels.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kGroups * 256) encoder_backward_kernel(T* __restrict__ dwte, T* __restrict__ dwpe,
+__global__ void __launch_bounds__(kGroups * 64, 4) encoder_backward_kernel(T* __restrict__ dwte, T* __restrict__ dwpe,
                                         int* __restrict__ s, EncoderPlan p,
                                         const T* __restrict__ dout, const int* __restrict__ idx,
                                         Chunk chunk, int C) {
@@ -641,15 +693,42 @@ encoder_run_sum_kernel(T* __restrict__ dwte, const int* __restrict__ s, EncoderP
     }
 }
 
+template <int G>
+void launch_sort(const EncoderPlan& p, const Chunk& chunk, int* s, const int* ids, int V,
+                 cudaStream_t st) {
+    const char* op = "encoder_backward";
+    set_smem(op, encoder_sort_kernel<G>, sort_smem_bytes(p.max_rounds));
+    const int Sb = ceil_div(chunk.size(), G);
+    const int rounds = ceil_div(Sb, kSortThreads);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = G;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(G);
+    config.blockDim = dim3(kSortThreads);
+    config.dynamicSmemBytes = sort_smem_bytes(rounds);
+    config.stream = st;
+    config.attrs = attr;
+    config.numAttrs = G > 1 ? 1 : 0;
+    CUDA_CHECK(op, cudaLaunchKernelEx(&config, encoder_sort_kernel<G>, s + p.links,
+                                      s + p.sorted_rows, s + p.long_keys, s + p.long_rows,
+                                      s + p.counts, ids, chunk, V, p.passes, p.digit_bits, Sb,
+                                      rounds));
+}
+
 template <typename T, int VEC>
 void launch_backward(T* dwte, T* dwpe, int* s, const EncoderPlan& p, const Chunk& chunk,
                      const T* dout, const int* idx, int C, cudaStream_t st) {
     const char* op = "encoder_backward";
     const int cv = C / VEC;  // vectors per row
-    const int threads = std::min(256, (cv + 31) / 32 * 32);
+    // 64 threads across the row (a slice of it) times kGroups: small blocks, several per SM
+    const int threads = std::min(64, (cv + 31) / 32 * 32);
     const int slices = ceil_div(cv, threads);
     const int run_slices = ceil_div(cv, 32);
-    if (run_slices > 65535) throw std::invalid_argument("encoder_backward: C too large for the grid");
+    if (slices > 65535 || run_slices > 65535)
+        throw std::invalid_argument("encoder_backward: C too large for the grid");
     const int tile_blocks = ceil_div(ceil_div(chunk.size(), kTile), kGroups);
     const size_t smem = sizeof(float) * kGroups * threads * VEC;
     launch_dependent(op, encoder_backward_kernel<T, VEC>, dim3(chunk.Tc + tile_blocks, slices),
@@ -702,7 +781,6 @@ void encoder_backward(uintptr_t dwte, uintptr_t dwpe, uintptr_t scratch, uintptr
     cudaStream_t st = as_stream(stream);
     int* s = as_ptr<int>(scratch);
     const int* ids = as_ptr<const int>(idx);
-    set_smem(op, encoder_sort_kernel, sort_smem_bytes(p.max_rounds));
     DISPATCH_STORAGE(op, dtype, [&] {
         constexpr int kVec = 16 / sizeof(scalar_t);
         const bool vec = C % kVec == 0 && aligned16(dwte) && aligned16(dwpe) && aligned16(dout) &&
@@ -711,10 +789,10 @@ void encoder_backward(uintptr_t dwte, uintptr_t dwpe, uintptr_t scratch, uintptr
         for (int b0 = 0; b0 < B; b0 += p.Bc) {
             for (int t0 = 0; t0 < T; t0 += p.Tc) {
                 const Chunk chunk{b0 * T + t0, t0, std::min(p.Bc, B - b0), std::min(p.Tc, T - t0)};
-                const int rounds = ceil_div(chunk.size(), kSortThreads);
-                encoder_sort_kernel<<<1, kSortThreads, sort_smem_bytes(rounds), st>>>(
-                    s + p.links, s + p.sorted_rows, s + p.long_keys, s + p.long_rows,
-                    s + p.counts, ids, chunk, V, p.passes, p.digit_bits, rounds);
+                if (p.cluster == kCluster)
+                    launch_sort<kCluster>(p, chunk, s, ids, V, st);
+                else
+                    launch_sort<1>(p, chunk, s, ids, V, st);
                 check_launch(op);
                 if (vec)
                     launch_backward<scalar_t, kVec>(as_ptr<scalar_t>(dwte), as_ptr<scalar_t>(dwpe),

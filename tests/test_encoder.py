@@ -155,7 +155,7 @@ def test_encoder_backward_matches_reference(cp, rng, B, T, C, V, maxT):
     (2, 150, 8, 70000, 150, "random"),        # V >= 2^16: three radix passes
     (3, 1000, 12, 50257, 1000, "zipf"),       # text-like skew, runs of every length
     (2, 9000, 4, 3, 9000, "random"),          # two chunks of one sequence each
-    (1, 40000, 4, 7, 40000, "random"),        # T > 16384: a sequence split over three chunks
+    (1, 70000, 4, 7, 70000, "random"),        # T > 65536: one sequence over several chunks
     (20, 1024, 8, 50257, 1024, "random"),     # GPT-2 ids, 16 + 4 sequences
     (16, 1024, 64, 256, 1024, "zipf"),        # a byte-level vocabulary: nearly all runs long
     (4, 205, 20, 50257, 205, "run_lengths"),  # every run length 1..40 (short/long boundary)
