@@ -192,10 +192,11 @@ template <int G> __device__ __forceinline__ void cluster_sync() {
 #endif
     __syncthreads();
 }
-// The same shared array in cluster block q.
+// The same shared array in cluster block q (this block's own array without the cluster window).
 template <int G> __device__ __forceinline__ int* peer(int* p, int q) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if constexpr (G > 1) return cg::this_cluster().map_shared_rank(p, q);
+    if constexpr (G > 1)
+        if (q != cluster_rank<G>()) return cg::this_cluster().map_shared_rank(p, q);
 #endif
     return p;
 }
@@ -241,8 +242,12 @@ template <int G, typename Op>
 __device__ int cluster_exclusive(int value, int identity, Op op, int* slot) {
     if (threadIdx.x == 0) *slot = value;
     cluster_sync<G>();
+    int v[G];  // all loads first: remote reads are slow, and independent
+#pragma unroll
+    for (int q = 0; q < G; q++) v[q] = q < cluster_rank<G>() ? *peer<G>(slot, q) : identity;
     int acc = identity;
-    for (int q = 0; q < cluster_rank<G>(); q++) acc = op(acc, *peer<G>(slot, q));
+#pragma unroll
+    for (int q = 0; q < G; q++) acc = op(acc, v[q]);
     return acc;
 }
 
@@ -339,10 +344,13 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
         // in earlier blocks)
         int below = 0, total = 0;
         if ((int)threadIdx.x <= mask) {
+            int count[G];
+#pragma unroll
+            for (int b = 0; b < G; b++) count[b] = peer<G>(gbase, b)[threadIdx.x];
+#pragma unroll
             for (int b = 0; b < G; b++) {
-                const int count = peer<G>(gbase, b)[threadIdx.x];
-                if (b < q) below += count;
-                total += count;
+                if (b < q) below += count[b];
+                total += count[b];
             }
         }
         const int start = block_exclusive_scan((int)threadIdx.x <= mask ? total : 0, 0, Plus(),
