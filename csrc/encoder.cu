@@ -95,7 +95,9 @@ __global__ void encoder_forward_kernel(T* __restrict__ out, const int* __restric
 constexpr int kCluster = 8;            // sort blocks on Hopper and later (a portable cluster size)
 constexpr int kSortThreads = 512;
 constexpr int kSortWarps = kSortThreads / 32;
-constexpr int kMaxRounds = 16;         // ids per sort thread: up to 8192 per block, 65536 a chunk
+// ids per sort thread (unrolled, so it sets the code size): a chunk holds up to
+// G * kSortThreads * rounds positions, 16384 with the cluster, 8192 without
+template <int G> __host__ __device__ constexpr int max_rounds() { return G > 1 ? 4 : 16; }
 constexpr int kBins = 256;             // 8-bit digits
 constexpr int kBinStride = kBins + 1;  // a warp's counts, + one bin for lanes past the chunk
 constexpr int kGroups = 4;             // threadIdx.y of the backward kernel
@@ -145,7 +147,7 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
     CUDA_CHECK(op, cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     EncoderPlan p{};
     p.cluster = device_has_pdl(op) ? kCluster : 1;  // clusters came with the same GPUs (sm_90)
-    p.max_rounds = kMaxRounds;
+    p.max_rounds = p.cluster > 1 ? max_rounds<kCluster>() : max_rounds<1>();
     while (p.max_rounds > 1 && sort_smem_bytes(p.max_rounds) > optin) p.max_rounds /= 2;
     const int cap = p.cluster * p.max_rounds * kSortThreads;  // positions fit in 16 bits
     p.Tc = std::min(T, cap);
@@ -266,6 +268,7 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
                     int* __restrict__ long_keys, int* __restrict__ long_rows,
                     int* __restrict__ counts, const int* __restrict__ idx, Chunk chunk, int V,
                     int passes, int digit_bits, int Sb, int rounds) {
+    constexpr int kRounds = max_rounds<G>();
     pdl_launch_dependents();  // the backward kernel's dwpe half needs nothing from here
     extern __shared__ int smem[];
     int* skey = smem;                           // [rounds * kSortThreads]
@@ -282,9 +285,9 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
     const int first = warp * rounds * 32 + lane;  // this thread's local entry of round 0
     const unsigned lanes_below = (1u << lane) - 1u;
 
-    int key[kMaxRounds];
+    int key[kRounds];
 #pragma unroll
-    for (int r = 0; r < kMaxRounds; r++) {
+    for (int r = 0; r < kRounds; r++) {
         const int i = first + r * 32;
         key[r] = r < rounds && i < nb ? token_key(idx[chunk.base + e0 + i], V) : 0;
     }
@@ -299,16 +302,16 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
         const int shift = pass * digit_bits;
         if (pass > 0) {
 #pragma unroll
-            for (int r = 0; r < kMaxRounds; r++) {
+            for (int r = 0; r < kRounds; r++) {
                 const int i = first + r * 32;
                 if (r < rounds && i < nb) key[r] = skey[i];
             }
         }
         for (int d = lane; d < kBinStride; d += 32) hist[d] = 0;
         __syncwarp();
-        int rank_pos[kMaxRounds];  // rank in the warp << 16 | position
+        int rank_pos[kRounds];  // rank in the warp << 16 | position
 #pragma unroll
-        for (int r = 0; r < kMaxRounds; r++) {
+        for (int r = 0; r < kRounds; r++) {
             if (r >= rounds) break;
             const int i = first + r * 32;
             const bool valid = i < nb;
@@ -359,7 +362,7 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
         if ((int)threadIdx.x <= mask) gbase[threadIdx.x] = start + below;
         __syncthreads();
 #pragma unroll
-        for (int r = 0; r < kMaxRounds; r++) {
+        for (int r = 0; r < kRounds; r++) {
             if (r >= rounds || first + r * 32 >= nb) break;
             const int digit = (key[r] >> shift) & mask;
             const int dst = gbase[digit] + hist[digit] + (rank_pos[r] >> 16);
@@ -372,11 +375,11 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
     // Runs of equal keys. Run starts: a max-scan of the head indices in list order; then the
     // last entry of each run writes the run's length over the run's first key, where every
     // entry of the run reads it.
-    int start[kMaxRounds];
+    int start[kRounds];
     unsigned last = 0;  // bit r: this thread's entry of round r ends its run
     int carry = -1;
 #pragma unroll
-    for (int r = 0; r < kMaxRounds; r++) {
+    for (int r = 0; r < kRounds; r++) {
         if (r >= rounds) break;
         const int i = first + r * 32, e = e0 + i;
         int head = -1;
@@ -394,7 +397,7 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
     const int before = block_exclusive_scan(lane == 31 ? carry : -1, -1, Max(), buf, &block_max);
     const int before_block = cluster_exclusive<G>(block_max, -1, Max(), slot);  // keys all read
 #pragma unroll
-    for (int r = 0; r < kMaxRounds; r++) {
+    for (int r = 0; r < kRounds; r++) {
         if (r >= rounds) break;
         start[r] = max(start[r], max(before, before_block));
         const int i = first + r * 32;
@@ -405,7 +408,7 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
     // start[r] becomes the entry's link; long-run entries get -2 and a place in the long list
     int nlong = 0;
 #pragma unroll
-    for (int r = 0; r < kMaxRounds; r++) {
+    for (int r = 0; r < kRounds; r++) {
         if (r >= rounds) break;
         const int i = first + r * 32;
         bool is_long = false;
@@ -426,7 +429,7 @@ encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
     const int long_before = cluster_exclusive<G>(block_long, 0, Plus(), slot);
     at += long_before;
 #pragma unroll
-    for (int r = 0; r < kMaxRounds; r++) {
+    for (int r = 0; r < kRounds; r++) {
         if (r >= rounds) break;
         const int i = first + r * 32;
         const bool is_long = i < nb && start[r] == -2;
