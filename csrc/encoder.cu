@@ -8,12 +8,13 @@
 // The backward must give the same bits on every run, so there are no float atomics: each row's
 // sum is taken in one fixed order (ascending position). It should also read dout only once, since
 // dout is most of the bytes it moves. The positions are taken in chunks (up to 16 sequences and
-// 16384 positions: a rectangle b0 <= b < b0+Bc, t0 <= t < t0+Tc), each in three kernels:
-//   1. sort, one block in shared memory: a stable LSD radix sort of the chunk's ids (8-bit
-//      digits; each warp ranks its ids with __match_any_sync) lists the positions by (id,
-//      position), and the runs of equal ids are measured. A position that ends a short run (at
-//      most kShortRun positions) gets a "link" to its run; the entries of longer runs are copied to
-//      a separate list. Out-of-range ids get the key V and reach no dwte row.
+// 16384 positions, 8192 before Hopper: a rectangle b0 <= b < b0+Bc, t0 <= t < t0+Tc), each in
+// three kernels:
+//   1. sort, in shared memory (a cluster of 8 blocks on Hopper, one block before): a stable LSD
+//      radix sort of the chunk's ids (8-bit digits, ranked within a warp by ballots) lists the
+//      positions by (id, position), and the runs of equal ids are measured. A position that ends
+//      a short run (at most kShortRun positions) gets a "link" to its run; the entries of longer
+//      runs are copied to a separate list. Out-of-range ids get the key V and reach no dwte row.
 //   2. backward, launched while the sort still runs (programmatic dependent launch): one block per
 //      position t reads the Bc rows dout[b0.., t], adds their sum to dwpe[t] (no sort needed, so
 //      this overlaps with it), waits for the sort, then adds the short runs to their dwte rows: a
