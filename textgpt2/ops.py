@@ -172,7 +172,8 @@ def encoder_forward(idx, wte, wpe, out=None, stream=None):
 
 
 def encoder_backward_scratch_size(B, T, C, V):
-    """int32 elements of scratch that encoder_backward needs."""
+    """int32 elements of scratch that encoder_backward needs on the current GPU (the chunk its
+    sort handles depends on the GPU's shared memory and thread-block clusters)."""
     return int(extension().encoder_backward_scratch_size(int(B), int(T), int(C), int(V)))
 
 
