@@ -199,6 +199,22 @@ __device__ __forceinline__ float f4get(const float4& v, int r) {
     return r == 0 ? v.x : r == 1 ? v.y : r == 2 ? v.z : v.w;  // r is a compile-time constant
 }
 
+// acc += A B for one 8-wide slice of the contraction index: A is the 16x8 fragment `a`, B the 8
+// rows of a swizzled [*, D] shared tile that start at `rows`, read with pattern B (offsets ob0,
+// ob1 from off_b); acc holds the D output columns as D/8 accumulator tiles.
+template <int D>
+__device__ __forceinline__ void mma_rows_b(float (&acc)[D / 8][4], const uint32_t (&a)[4],
+                                           const float* rows, int ob0, int ob1) {
+#pragma unroll
+    for (int q = 0; q < D / 32; ++q) {
+        const float4 x0 = lds4(rows + 32 * q + ob0);
+        const float4 x1 = lds4(rows + 32 * q + ob1);
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+            mma_tf32(acc[4 * q + r], a, bits(f4get(x0, r)), bits(f4get(x1, r)));
+    }
+}
+
 // ---- dropout masks (see the opening comment) -------------------------------------------------
 
 // What the DROP = true kernels need; built once per launch on the host from p.
@@ -492,14 +508,7 @@ __global__ void __launch_bounds__(kThreads, (FwdCfg<D, BC>::min_blocks))
                     if (!((ka >> (8 * j + 1)) & 1)) a[2] = 0u;
                     if (!((kb >> (8 * j + 1)) & 1)) a[3] = 0u;
                 }
-#pragma unroll
-                for (int q = 0; q < NQ; ++q) {
-                    const float4 v0 = lds4(Vs + 8 * j * D + 32 * q + ob0);
-                    const float4 v1 = lds4(Vs + 8 * j * D + 32 * q + ob1);
-#pragma unroll
-                    for (int r = 0; r < 4; ++r)
-                        mma_tf32(o[4 * q + r], a, bits(f4get(v0, r)), bits(f4get(v1, r)));
-                }
+                mma_rows_b<D>(o, a, Vs + 8 * j * D, ob0, ob1);
             }
         }
         __syncthreads();  // the next iteration's loads overwrite this stage
@@ -714,14 +723,7 @@ __global__ void __launch_bounds__(kThreads, (DkdvCfg<D, BRQ>::min_blocks))
                 const uint32_t a[4] = {
                     tf32_bits(dv_operand<DROP>(s[j][0])), tf32_bits(dv_operand<DROP>(s[j][2])),
                     tf32_bits(dv_operand<DROP>(s[j][1])), tf32_bits(dv_operand<DROP>(s[j][3]))};
-#pragma unroll
-                for (int q = 0; q < NQ; ++q) {
-                    const float4 d0 = lds4(dOs + 8 * j * D + 32 * q + ob0);
-                    const float4 d1 = lds4(dOs + 8 * j * D + 32 * q + ob1);
-#pragma unroll
-                    for (int r = 0; r < 4; ++r)
-                        mma_tf32(dv[4 * q + r], a, bits(f4get(d0, r)), bits(f4get(d1, r)));
-                }
+                mma_rows_b<D>(dv, a, dOs + 8 * j * D, ob0, ob1);
             }
             // dP^T = V dO^T
             float dp[NJ][4];
@@ -756,14 +758,7 @@ __global__ void __launch_bounds__(kThreads, (DkdvCfg<D, BRQ>::min_blocks))
             for (int j = 0; j < NJ; ++j) {
                 const uint32_t a[4] = {tf32_bits(dp[j][0]), tf32_bits(dp[j][2]),
                                        tf32_bits(dp[j][1]), tf32_bits(dp[j][3])};
-#pragma unroll
-                for (int q = 0; q < NQ; ++q) {
-                    const float4 x0 = lds4(Qs + 8 * j * D + 32 * q + ob0);
-                    const float4 x1 = lds4(Qs + 8 * j * D + 32 * q + ob1);
-#pragma unroll
-                    for (int r = 0; r < 4; ++r)
-                        mma_tf32(dk[4 * q + r], a, bits(f4get(x0, r)), bits(f4get(x1, r)));
-                }
+                mma_rows_b<D>(dk, a, Qs + 8 * j * D, ob0, ob1);
             }
         }
         __syncthreads();  // the next iteration's loads overwrite this stage
@@ -965,14 +960,7 @@ __global__ void __launch_bounds__(kThreads, (DqCfg<D, BC>::min_blocks))
             for (int j = 0; j < NJ; ++j) {
                 const uint32_t a[4] = {tf32_bits(dp[j][0]), tf32_bits(dp[j][2]),
                                        tf32_bits(dp[j][1]), tf32_bits(dp[j][3])};
-#pragma unroll
-                for (int q = 0; q < NQ; ++q) {
-                    const float4 k0v = lds4(Ks + 8 * j * D + 32 * q + ob0);
-                    const float4 k1v = lds4(Ks + 8 * j * D + 32 * q + ob1);
-#pragma unroll
-                    for (int r = 0; r < 4; ++r)
-                        mma_tf32(dq[4 * q + r], a, bits(f4get(k0v, r)), bits(f4get(k1v, r)));
-                }
+                mma_rows_b<D>(dq, a, Ks + 8 * j * D, ob0, ob1);
             }
         }
         __syncthreads();  // the next iteration's loads overwrite this stage

@@ -63,12 +63,12 @@ template <typename Kernel> void set_smem(const char* op, Kernel kernel, int byte
     done.insert(key);
 }
 
-// ---- programmatic dependent launch (Hopper and later) -----------------------------------------
-// A kernel launched with launch_dependent() may start while the kernel before it in the stream is
-// still running, once every block of that kernel has called pdl_launch_dependents() (or exited).
-// It must call pdl_wait() before it reads anything the earlier kernel writes; work before the
-// wait (loads of inputs that were ready before the earlier kernel began) overlaps with it.
-// On older GPUs the launch is an ordinary one and both calls compile to nothing.
+// ---- cluster and programmatic dependent launches (Hopper and later) --------------------------
+// A kernel launched as `dependent` may start while the kernel before it in the stream is still
+// running, once every block of that kernel has called pdl_launch_dependents() (or exited). It
+// must call pdl_wait() before it reads anything the earlier kernel writes; work before the wait
+// (loads of inputs that were ready before the earlier kernel began) overlaps with it. On older
+// GPUs both calls compile to nothing (launch with dependent = false there).
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -80,26 +80,40 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
-inline bool device_has_pdl(const char* op) {
+// Thread-block clusters and programmatic dependent launch both came with compute capability 9.0.
+inline bool hopper_or_later(const char* op) {
     int dev = 0, major = 0;
     CUDA_CHECK(op, cudaGetDevice(&dev));
     CUDA_CHECK(op, cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
     return major >= 9;
 }
 
+// kernel<<<grid, block, smem, stream>>>(args...), in clusters of `cluster` blocks (1: none) and as
+// a dependent launch if `dependent`.
 template <typename... Params, typename... Args>
-void launch_dependent(const char* op, void (*kernel)(Params...), dim3 grid, dim3 block,
-                      size_t smem, cudaStream_t stream, Args... args) {
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
+void launch_ex(const char* op, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+               cudaStream_t stream, int cluster, bool dependent, Args... args) {
+    cudaLaunchAttribute attr[2];
+    unsigned n = 0;
+    if (cluster > 1) {
+        attr[n].id = cudaLaunchAttributeClusterDimension;
+        attr[n].val.clusterDim.x = cluster;
+        attr[n].val.clusterDim.y = 1;
+        attr[n].val.clusterDim.z = 1;
+        n++;
+    }
+    if (dependent) {
+        attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[n].val.programmaticStreamSerializationAllowed = 1;
+        n++;
+    }
     cudaLaunchConfig_t config = {};
     config.gridDim = grid;
     config.blockDim = block;
     config.dynamicSmemBytes = smem;
     config.stream = stream;
     config.attrs = attr;
-    config.numAttrs = device_has_pdl(op) ? 1 : 0;
+    config.numAttrs = n;
     CUDA_CHECK(op, cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
 }
 

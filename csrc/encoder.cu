@@ -122,7 +122,7 @@ struct Chunk {
 // Scratch, int32 elements (float32 for the partials). Sized for the largest chunk.
 struct EncoderPlan {
     int Bc, Tc;              // chunk shape
-    int cluster;             // sort blocks: kCluster, or 1 before Hopper
+    bool hopper;             // sort on a cluster of kCluster blocks, dependent launches
     int max_rounds;          // sort rounds the GPU's shared memory allows
     int passes, digit_bits;  // radix passes over keys 0..V
     long long links, sorted_rows, long_keys, long_rows, counts, owners, partials, total;
@@ -147,10 +147,11 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
     CUDA_CHECK(op, cudaGetDevice(&dev));
     CUDA_CHECK(op, cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     EncoderPlan p{};
-    p.cluster = device_has_pdl(op) ? kCluster : 1;  // clusters came with the same GPUs (sm_90)
-    p.max_rounds = p.cluster > 1 ? max_rounds<kCluster>() : max_rounds<1>();
+    p.hopper = hopper_or_later(op);
+    const int cluster = p.hopper ? kCluster : 1;
+    p.max_rounds = p.hopper ? max_rounds<kCluster>() : max_rounds<1>();
     while (p.max_rounds > 1 && sort_smem_bytes(p.max_rounds) > optin) p.max_rounds /= 2;
-    const int cap = p.cluster * p.max_rounds * kSortThreads;  // positions fit in 16 bits
+    const int cap = cluster * p.max_rounds * kSortThreads;  // positions fit in 16 bits
     p.Tc = std::min(T, cap);
     p.Bc = std::min({B, kMaxRows, cap / p.Tc});
     const int bits = 32 - __builtin_clz((unsigned)V);  // keys are 0..V
@@ -178,8 +179,8 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
 // ---- backward, 1: sort one chunk's ids -----------------------------------------------------
 // The sort runs on a cluster of kCluster blocks (Hopper and later; one block before): block q
 // holds the sorted list's entries [q, q+1) * Sb, and the blocks exchange digit counts, entries
-// and run lengths through distributed shared memory. Spread over 8 SMs it takes a few
-// microseconds instead of tens on one.
+// and run lengths through distributed shared memory: ~31 us (ncu) on 8 SMs, against 61 us on
+// one. Its barriers, not its arithmetic, set that time (docs/PERF.md).
 template <int G> __device__ __forceinline__ int cluster_rank() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if constexpr (G > 1) return (int)cg::this_cluster().block_rank();
@@ -712,22 +713,9 @@ void launch_sort(const EncoderPlan& p, const Chunk& chunk, int* s, const int* id
     set_smem(op, encoder_sort_kernel<G>, sort_smem_bytes(p.max_rounds));
     const int Sb = ceil_div(chunk.size(), G);
     const int rounds = ceil_div(Sb, kSortThreads);
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = G;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(G);
-    config.blockDim = dim3(kSortThreads);
-    config.dynamicSmemBytes = sort_smem_bytes(rounds);
-    config.stream = st;
-    config.attrs = attr;
-    config.numAttrs = G > 1 ? 1 : 0;
-    CUDA_CHECK(op, cudaLaunchKernelEx(&config, encoder_sort_kernel<G>, s + p.links,
-                                      s + p.sorted_rows, s + p.long_keys, s + p.long_rows,
-                                      s + p.counts, ids, chunk, V, p.passes, p.digit_bits, Sb,
-                                      rounds));
+    launch_ex(op, encoder_sort_kernel<G>, dim3(G), dim3(kSortThreads), sort_smem_bytes(rounds), st,
+              G, false, s + p.links, s + p.sorted_rows, s + p.long_keys, s + p.long_rows,
+              s + p.counts, ids, chunk, V, p.passes, p.digit_bits, Sb, rounds);
 }
 
 template <typename T, int VEC>
@@ -743,11 +731,11 @@ void launch_backward(T* dwte, T* dwpe, int* s, const EncoderPlan& p, const Chunk
         throw std::invalid_argument("encoder_backward: C too large for the grid");
     const int tile_blocks = ceil_div(ceil_div(chunk.size(), kTile), kGroups);
     const size_t smem = sizeof(float) * kGroups * threads * VEC;
-    launch_dependent(op, encoder_backward_kernel<T, VEC>, dim3(chunk.Tc + tile_blocks, slices),
-                     dim3(threads, kGroups), smem, st, dwte, dwpe, s, p, dout, idx, chunk, C);
-    launch_dependent(op, encoder_run_sum_kernel<T, VEC>,
-                     dim3(std::min(ceil_div(chunk.size(), kTile), kRunBlocks), run_slices),
-                     dim3(kRunWarps * 32), 0, st, dwte, s, p, C);
+    launch_ex(op, encoder_backward_kernel<T, VEC>, dim3(chunk.Tc + tile_blocks, slices),
+              dim3(threads, kGroups), smem, st, 1, p.hopper, dwte, dwpe, s, p, dout, idx, chunk, C);
+    launch_ex(op, encoder_run_sum_kernel<T, VEC>,
+              dim3(std::min(ceil_div(chunk.size(), kTile), kRunBlocks), run_slices),
+              dim3(kRunWarps * 32), 0, st, 1, p.hopper, dwte, s, p, C);
 }
 
 }  // namespace
@@ -801,7 +789,7 @@ void encoder_backward(uintptr_t dwte, uintptr_t dwpe, uintptr_t scratch, uintptr
         for (int b0 = 0; b0 < B; b0 += p.Bc) {
             for (int t0 = 0; t0 < T; t0 += p.Tc) {
                 const Chunk chunk{b0 * T + t0, t0, std::min(p.Bc, B - b0), std::min(p.Tc, T - t0)};
-                if (p.cluster == kCluster)
+                if (p.hopper)
                     launch_sort<kCluster>(p, chunk, s, ids, V, st);
                 else
                     launch_sort<1>(p, chunk, s, ids, V, st);

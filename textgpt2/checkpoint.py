@@ -409,7 +409,7 @@ def load(directory, *, training_state: bool = True) -> Checkpoint:
 
 
 def _check_shapes(params: dict, cfg: dict, d: Path):
-    from textgpt2.model import param_shapes  # the one definition of the parameter layout
+    from textgpt2.reference import param_shapes  # the one definition of the parameter layout
 
     expect = param_shapes(int(cfg["n_layer"]), int(cfg["n_embd"]), int(cfg["block_size"]),
                           padded_vocab_size(cfg["vocab_size"]))

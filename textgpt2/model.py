@@ -53,6 +53,7 @@ import numpy as np
 
 from textgpt2 import gemm, ops
 from textgpt2.device import require_gpu
+from textgpt2.reference import param_shapes  # the one definition of the parameter layout
 
 # The attention kernel is specialised for these head sizes.
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -95,27 +96,6 @@ PRESETS = {
     # GPT-2 small (124M)
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
 }
-
-
-def param_shapes(n_layer: int, n_embd: int, block_size: int, padded_vocab_size: int) -> dict:
-    """{name: shape} of every parameter in the contract's order (as
-    reference.gpt_param_shapes): wte (Vp, C), wpe (block_size, C), then per block ln_1,
-    attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, then ln_f. Linear weights are
-    (out_features, in_features). Pure arithmetic: checkpoint.py checks files against it too."""
-    C, Vp = n_embd, padded_vocab_size
-    shapes = {"wte": (Vp, C), "wpe": (block_size, C)}
-    for i in range(n_layer):
-        p = f"h.{i}."
-        shapes.update({
-            p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
-            p + "attn.c_attn.weight": (3 * C, C), p + "attn.c_attn.bias": (3 * C,),
-            p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
-            p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
-            p + "mlp.c_fc.weight": (4 * C, C), p + "mlp.c_fc.bias": (4 * C,),
-            p + "mlp.c_proj.weight": (C, 4 * C), p + "mlp.c_proj.bias": (C,),
-        })
-    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
-    return shapes
 
 
 @dataclasses.dataclass
@@ -215,7 +195,7 @@ class GPTConfig:
     # -- parameter inventory (host only, so sizes and FLOPs are known without a GPU) --
 
     def param_shapes(self) -> dict:
-        """{name: shape} of every parameter (see param_shapes below)."""
+        """{name: shape} of every parameter (reference.param_shapes)."""
         return param_shapes(self.n_layer, self.n_embd, self.block_size, self.padded_vocab_size)
 
     def num_params(self, non_embedding: bool = True) -> int:

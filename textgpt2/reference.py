@@ -25,7 +25,8 @@ __all__ = [
     "bias_forward", "bias_backward", "gelu_forward", "gelu_backward",
     "cross_entropy_forward", "cross_entropy_backward", "attention_forward", "attention_backward",
     "global_norm", "clip_scale", "adamw_update",
-    "gpt_param_shapes", "gpt_init", "gpt_forward", "gpt_backward", "gpt_dropout_offset",
+    "param_shapes", "gpt_param_shapes", "gpt_init", "gpt_forward", "gpt_backward",
+    "gpt_dropout_offset",
 ]
 
 
@@ -296,12 +297,14 @@ def _cfg(config):
             int(get("block_size")), int(get("vocab_size")), int(get("padded_vocab_size")))
 
 
-def gpt_param_shapes(config):
-    """{name: shape} for every parameter, in the contract's order (HF GPT-2 names, Linear
-    weights as (out_features, in_features))."""
-    L, _, C, maxT, _, Vp = _cfg(config)
-    shapes = {"wte": (Vp, C), "wpe": (maxT, C)}
-    for i in range(L):
+def param_shapes(n_layer: int, n_embd: int, block_size: int, padded_vocab_size: int) -> dict:
+    """{name: shape} of every parameter in the contract's order: wte (Vp, C), wpe (block_size,
+    C), then per block ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, then ln_f.
+    Linear weights are (out_features, in_features). The one definition of the layout: the
+    model and checkpoint.py take it from here."""
+    C, Vp = n_embd, padded_vocab_size
+    shapes = {"wte": (Vp, C), "wpe": (block_size, C)}
+    for i in range(n_layer):
         p = f"h.{i}."
         shapes.update({
             p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
@@ -313,6 +316,13 @@ def gpt_param_shapes(config):
         })
     shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
     return shapes
+
+
+def gpt_param_shapes(config):
+    """param_shapes for a config object or dict (HF GPT-2 names, Linear weights as
+    (out_features, in_features))."""
+    L, _, C, maxT, _, Vp = _cfg(config)
+    return param_shapes(L, C, maxT, Vp)
 
 
 def gpt_init(config, rng):
