@@ -8,35 +8,34 @@
 // The backward must give the same bits on every run, so there are no float atomics: each row's
 // sum is taken in one fixed order (ascending position). It should also read dout only once, since
 // dout is most of the bytes it moves. The positions are taken in chunks (up to 16 sequences and
-// 16384 positions, 8192 before Hopper: a rectangle b0 <= b < b0+Bc, t0 <= t < t0+Tc), each in
-// three kernels:
-//   1. sort, in shared memory (a cluster of 8 blocks on Hopper, one block before): a stable LSD
-//      radix sort of the chunk's ids (8-bit digits, ranked within a warp by ballots) lists the
-//      positions by (id, position), and the runs of equal ids are measured. A position that ends
-//      a short run (at most kShortRun positions) gets a "link" to its run; the entries of longer
-//      runs are copied to a separate list. Out-of-range ids get the key V and reach no dwte row.
-//   2. backward, launched while the sort still runs (programmatic dependent launch): one block per
-//      position t reads the Bc rows dout[b0.., t], adds their sum to dwpe[t] (no sort needed, so
-//      this overlaps with it), waits for the sort, then adds the short runs to their dwte rows: a
-//      run of one straight from registers, a longer one by the block that holds its last row,
-//      which re-reads the few others. Extra blocks take the long runs (frequent ids) in tiles of
-//      kTile sorted entries: a run inside a tile is added to its row directly, a run that crosses
-//      tiles leaves one partial sum per tile in scratch, so a run of thousands is spread over many
-//      blocks instead of serialized in one.
+// 16384 positions: a rectangle b0 <= b < b0+Bc, t0 <= t < t0+Tc), each in three stages:
+//   1. group, in three small kernels: integer atomics count each id's positions and drop the
+//      first kShortRun of them in the id's bucket, in an order that varies; the position holding
+//      an id's last occurrence sorts its bucket and gets a "link" to that short run. Ids with
+//      more positions are long: per long id, a ballot over the chunk's ids gives the bitmask of
+//      its positions, already in order, and their entries go to one list sorted by (id,
+//      position). Integer counts are exact in any order, so nothing summed depends on timing.
+//   2. backward, launched while the grouping still runs (programmatic dependent launch): one
+//      block per position t reads the Bc rows dout[b0.., t], adds their sum to dwpe[t] (no
+//      grouping needed, so this overlaps with it), waits, then adds the short runs to their dwte
+//      rows: a run of one straight from registers, a longer one by the block that holds its last
+//      row, which re-reads the few others. Extra blocks take the long runs (frequent ids) in
+//      tiles of kTile sorted entries: a run inside a tile is added to its row directly, a run
+//      that crosses tiles leaves one partial sum per tile in scratch, so a run of thousands is
+//      spread over many blocks instead of serialized in one.
 //   3. run_sum adds each crossing run's partials to its row, in tile order.
 // With random ids over a 50k vocabulary nearly every run is short and dout is read about 1.05
-// times; the rows of a frequent id are read twice (for dwpe, then in its tile).
+// times; the rows of a frequent id are read twice (for dwpe, then in its tile). The scratch
+// holds a counter and a bucket per vocabulary id (17 ints), which the zero kernel resets for
+// the ids it meets, so it needs no clearing between calls.
 
 #include <algorithm>
 #include <cstring>
-
-#include <cooperative_groups.h>
 
 #include "common.cuh"
 #include "launchers.h"
 
 namespace {
-namespace cg = cooperative_groups;
 
 // Partial sums are float32 whatever the storage type (VEC of them, 16-byte aligned when VEC%4==0).
 template <int VEC>
@@ -93,24 +92,19 @@ __global__ void encoder_forward_kernel(T* __restrict__ out, const int* __restric
 }
 
 // ---- backward: chunks and scratch ----------------------------------------------------------
-constexpr int kCluster = 8;            // sort blocks on Hopper and later (a portable cluster size)
-constexpr int kSortThreads = 512;
-constexpr int kSortWarps = kSortThreads / 32;
-// ids per sort thread (unrolled, so it sets the code size): a chunk holds up to
-// G * kSortThreads * rounds positions, 16384 with the cluster, 8192 without
-template <int G> __host__ __device__ constexpr int max_rounds() { return G > 1 ? 4 : 16; }
-constexpr int kBins = 256;             // 8-bit digits
-constexpr int kBinStride = kBins + 1;  // a warp's counts, + one bin for lanes past the chunk
+constexpr int kChunkCap = 16384;       // positions per chunk
+constexpr int kGroupThreads = 512;     // = kChunkCap / 32: a long-run block has a warp per 1024
 constexpr int kGroups = 4;             // threadIdx.y of the backward kernel
 constexpr int kRowsPerThread = 4;      // dout rows one backward thread keeps
 constexpr int kMaxRows = kGroups * kRowsPerThread;  // sequences per chunk
-constexpr int kShortRun = 16;          // longest run summed by the block holding its last row
+constexpr int kShortRun = 16;          // most positions of one id summed by one position block
+constexpr int kMaxLong = kChunkCap / (kShortRun + 1);  // ids with more positions, at most
 constexpr int kTile = 32;              // sorted long-run entries per tile
 constexpr int kTileAhead = 4;          // rows a tile thread loads before adding them up
 constexpr int kRunWarps = 8;           // warps sharing one crossing run's partials
 constexpr int kRunBlocks = 128;
-
-__device__ __forceinline__ int token_key(int id, int V) { return (id >= 0 && id < V) ? id : V; }
+static_assert(kGroupThreads * 32 == kChunkCap, "sort_long_runs: one ballot bit per position");
+static_assert(kMaxLong <= 2 * kGroupThreads, "sort_long_runs: two long ids per thread");
 
 // The positions (b0 + b, t0 + t) for b < Bc, t < Tc, with local index p = b * Tc + t. A chunk is
 // whole sequences (t0 = 0, Tc = T) or part of one (Bc = 1), so the dout row of p is base + p.
@@ -122,41 +116,31 @@ struct Chunk {
 // Scratch, int32 elements (float32 for the partials). Sized for the largest chunk.
 struct EncoderPlan {
     int Bc, Tc;              // chunk shape
-    bool hopper;             // sort on a cluster of kCluster blocks, dependent launches
-    int max_rounds;          // sort rounds the GPU's shared memory allows
-    int passes, digit_bits;  // radix passes over keys 0..V
-    long long links, sorted_rows, long_keys, long_rows, counts, owners, partials, total;
+    bool hopper;             // dependent launches
+    int long_blocks;         // blocks of encoder_link_kernel that sort the long runs
+    long long id_count, bucket, links, run_rows, long_ids, long_keys, long_rows, counts, owners,
+        partials, total;
 };
 
-// counts[0]: entries in the long-run list; counts[1]: crossing runs registered by their tiles.
-constexpr int kLongCount = 0, kOwnerCount = 1;
+// counts[kLongCount]: entries in the long-run list; counts[kOwnerCount]: crossing runs
+// registered by their tiles; counts[kLongIds]: ids with long runs (long_ids, unordered).
+constexpr int kLongCount = 0, kOwnerCount = 1, kLongIds = 2;
 
 inline long long round_up(long long x, long long m) { return (x + m - 1) / m * m; }
-
-inline int sort_smem_bytes(int rounds) {
-    // keys and positions of the block's entries, per-warp digit counts, per-digit bases, 64 ints
-    return (int)sizeof(int) * (2 * rounds * kSortThreads + kSortWarps * kBinStride + kBins + 64);
-}
 
 EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
     if (B <= 0 || T <= 0 || C <= 0 || V <= 0)
         throw std::invalid_argument(std::string(op) + ": B, T, C, V must be positive");
     if ((long long)B * T > (1LL << 30))
         throw std::invalid_argument(std::string(op) + ": B*T must be at most 2^30");
-    int dev = 0, optin = 0;
+    int dev = 0, sms = 0;
     CUDA_CHECK(op, cudaGetDevice(&dev));
-    CUDA_CHECK(op, cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    CUDA_CHECK(op, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     EncoderPlan p{};
     p.hopper = hopper_or_later(op);
-    const int cluster = p.hopper ? kCluster : 1;
-    p.max_rounds = p.hopper ? max_rounds<kCluster>() : max_rounds<1>();
-    while (p.max_rounds > 1 && sort_smem_bytes(p.max_rounds) > optin) p.max_rounds /= 2;
-    const int cap = cluster * p.max_rounds * kSortThreads;  // positions fit in 16 bits
-    p.Tc = std::min(T, cap);
-    p.Bc = std::min({B, kMaxRows, cap / p.Tc});
-    const int bits = 32 - __builtin_clz((unsigned)V);  // keys are 0..V
-    p.passes = (bits + 7) / 8;
-    p.digit_bits = (bits + p.passes - 1) / p.passes;
+    p.long_blocks = std::min(kMaxLong, sms);  // few: they wait resident for the counts
+    p.Tc = std::min(T, kChunkCap);
+    p.Bc = std::min({B, kMaxRows, kChunkCap / p.Tc});
     const long long S = (long long)p.Bc * p.Tc;
     const long long ntiles = (S + kTile - 1) / kTile;
     long long off = 0;
@@ -165,51 +149,22 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
         off = round_up(off + n, 64);
         return o;
     };
+    p.id_count = take(V);
+    p.bucket = take((long long)V * kShortRun);
     p.links = take(S);
-    p.sorted_rows = take(S);
+    p.run_rows = take(S * kShortRun);
+    p.long_ids = take(kMaxLong);
     p.long_keys = take(S);
     p.long_rows = take(S);
-    p.counts = take(2);
+    p.counts = take(3);
     p.owners = take(ntiles);
     p.partials = take(2 * ntiles * C);
     p.total = off;
     return p;
 }
 
-// ---- backward, 1: sort one chunk's ids -----------------------------------------------------
-// The sort runs on a cluster of kCluster blocks (Hopper and later; one block before): block q
-// holds the sorted list's entries [q, q+1) * Sb, and the blocks exchange digit counts, entries
-// and run lengths through distributed shared memory: ~31 us (ncu) on 8 SMs, against 61 us on
-// one. Its barriers, not its arithmetic, set that time (docs/PERF.md).
-template <int G> __device__ __forceinline__ int cluster_rank() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if constexpr (G > 1) return (int)cg::this_cluster().block_rank();
-#endif
-    return 0;
-}
-template <int G> __device__ __forceinline__ void cluster_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if constexpr (G > 1) {
-        cg::this_cluster().sync();
-        return;
-    }
-#endif
-    __syncthreads();
-}
-// The same shared array in cluster block q (this block's own array without the cluster window).
-template <int G> __device__ __forceinline__ int* peer(int* p, int q) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if constexpr (G > 1)
-        if (q != cluster_rank<G>()) return cg::this_cluster().map_shared_rank(p, q);
-#endif
-    return p;
-}
-
 struct Plus {
     __device__ int operator()(int a, int b) const { return a + b; }
-};
-struct Max {
-    __device__ int operator()(int a, int b) const { return max(a, b); }
 };
 
 // Inclusive scan over the warp's lanes under `op`.
@@ -240,215 +195,165 @@ __device__ int block_exclusive_scan(int x, int identity, Op op, int* buf, int* t
     return warp > 0 ? op(buf[warp - 1], excl) : excl;
 }
 
-// Over the cluster: the reduction under `op` of `value` (one per block, held by every thread)
-// over the blocks before this one. `slot`: one int of shared memory; ends with a cluster sync.
-template <int G, typename Op>
-__device__ int cluster_exclusive(int value, int identity, Op op, int* slot) {
-    if (threadIdx.x == 0) *slot = value;
-    cluster_sync<G>();
-    int v[G];  // all loads first: remote reads are slow, and independent
-#pragma unroll
-    for (int q = 0; q < G; q++) v[q] = q < cluster_rank<G>() ? *peer<G>(slot, q) : identity;
-    int acc = identity;
-#pragma unroll
-    for (int q = 0; q < G; q++) acc = op(acc, v[q]);
-    return acc;
+// ---- backward, 1: group one chunk's positions by id --------------------------------------------
+// Three small kernels, each one step of a counting pass (the kernel boundaries are its grid-wide
+// barriers; launched as dependents, they cost little more than the work):
+//   zero:  reset the counters of the chunk's ids;
+//   count: count each id's positions with integer atomics, which are exact in any order; each
+//          arrival drops its position in the id's bucket of kShortRun slots (in an order that
+//          varies), the first arrival past the bucket lists the id as long;
+//   link:  every position gets its link, and the long runs are sorted (below).
+// Nothing summed later depends on the arrival order: the position holding an id's last
+// occurrence sorts the bucket's few positions before listing them. Outputs, per position p:
+//   links[p]     n - 1 if p is the last of the n <= kShortRun positions of a valid id, else -1;
+//   run_rows[p * kShortRun + j], j < n - 1: the dout rows of that id's other positions, ascending.
+
+// The first kernel of the op waits for whatever came before it in the stream (dout and idx may
+// be its outputs) before it lets the next ones launch: they read the inputs before waiting.
+__global__ void __launch_bounds__(kGroupThreads)
+encoder_zero_kernel(int* __restrict__ id_count, int* __restrict__ counts,
+                    const int* __restrict__ idx, Chunk chunk, int V) {
+    pdl_wait();
+    pdl_launch_dependents();
+    const int p = blockIdx.x * kGroupThreads + threadIdx.x;
+    if (p < chunk.size()) {
+        const int id = idx[chunk.base + p];
+        if (id >= 0 && id < V) id_count[id] = 0;
+    }
+    if (p == 0) counts[kLongIds] = 0;
 }
 
-// Outputs, for the chunk's S positions (p: local index, its dout row base + p):
-//   links[p]        (run start << 5) | (run length - 1) if p is the last position of a run of at
-//                   most kShortRun valid ids, else -1;
-//   sorted_rows[k]  the dout row of the k-th sorted entry;
-//   long_keys, long_rows: the entries of the longer runs, in sorted order, counts[kLongCount] of
-//                   them; counts[kOwnerCount] = 0 for the tiles that register crossing runs.
-// Layout: block q holds list entries [q*Sb, q*Sb + nb); its warp w holds the block's entries
-// [w, w+1) * rounds * 32, 32 consecutive ones per round, so lane order is list order and shared
-// accesses are conflict free.
-template <int G>
-__global__ void __launch_bounds__(kSortThreads)
-encoder_sort_kernel(int* __restrict__ links, int* __restrict__ sorted_rows,
-                    int* __restrict__ long_keys, int* __restrict__ long_rows,
-                    int* __restrict__ counts, const int* __restrict__ idx, Chunk chunk, int V,
-                    int passes, int digit_bits, int Sb, int rounds) {
-    constexpr int kRounds = max_rounds<G>();
-    pdl_launch_dependents();  // the backward kernel's dwpe half needs nothing from here
-    extern __shared__ int smem[];
-    int* skey = smem;                           // [rounds * kSortThreads]
-    int* spos = skey + rounds * kSortThreads;   // [rounds * kSortThreads]
-    int* table = spos + rounds * kSortThreads;  // [kSortWarps][kBinStride]: per-warp digit counts
-    int* gbase = table + kSortWarps * kBinStride;  // [kBins]: the block's counts, then bases
-    int* buf = gbase + kBins;                   // [32] block scans, [32]: cluster slot
-    int* slot = buf + 32;
-    const int S = chunk.size();
-    const int q = cluster_rank<G>();
-    const int e0 = q * Sb;                      // the block's first list entry
-    const int nb = max(0, min(Sb, S - e0));
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int first = warp * rounds * 32 + lane;  // this thread's local entry of round 0
-    const unsigned lanes_below = (1u << lane) - 1u;
+__global__ void __launch_bounds__(kGroupThreads)
+encoder_count_kernel(int* __restrict__ id_count, int* __restrict__ bucket,
+                     int* __restrict__ long_ids, int* __restrict__ counts,
+                     const int* __restrict__ idx, Chunk chunk, int V) {
+    pdl_launch_dependents();
+    const int p = blockIdx.x * kGroupThreads + threadIdx.x;
+    const int id = p < chunk.size() ? idx[chunk.base + p] : -1;
+    pdl_wait();  // the counters are zero
+    if (id < 0 || id >= V) return;
+    const int slot = atomicAdd(id_count + id, 1);
+    if (slot < kShortRun)
+        bucket[(long long)id * kShortRun + slot] = p;
+    else if (slot == kShortRun)  // the first arrival past the bucket lists the id, once
+        long_ids[atomicAdd(counts + kLongIds, 1)] = id;
+}
 
-    int key[kRounds];
+__device__ void link_position(int* __restrict__ links, int* __restrict__ run_rows,
+                              const int* __restrict__ id_count, const int* __restrict__ bucket,
+                              int id, int p, Chunk chunk, int V) {
+    int link = -1;
+    const int n = id >= 0 && id < V ? id_count[id] : 0;
+    if (n == 1) {
+        link = 0;
+    } else if (n > 1 && n <= kShortRun) {
+        // (unrolled for registers, cut at n: a warp runs as many steps as its longest run)
+        const int* b = bucket + (long long)id * kShortRun;
+        int pos[kShortRun], last = -1;
 #pragma unroll
-    for (int r = 0; r < kRounds; r++) {
-        const int i = first + r * 32;
-        key[r] = r < rounds && i < nb ? token_key(idx[chunk.base + e0 + i], V) : 0;
+        for (int j = 0; j < kShortRun; j++) {
+            if (j >= n) break;
+            pos[j] = b[j];
+            last = max(last, pos[j]);
+        }
+        if (last == p) {  // the positions are distinct, so each one's rank is a count
+#pragma unroll
+            for (int j = 0; j < kShortRun; j++) {
+                if (j >= n) break;
+                if (pos[j] == p) continue;
+                int rank = 0;
+#pragma unroll
+                for (int i = 0; i < kShortRun; i++) {
+                    if (i >= n) break;
+                    rank += pos[i] < pos[j];
+                }
+                run_rows[(long long)p * kShortRun + rank] = chunk.base + pos[j];
+            }
+            link = n - 1;
+        }
     }
+    links[p] = link;
+}
 
-    // Stable LSD radix sort: an entry goes to (entries with a smaller digit) + (same digit,
-    // earlier block) + (same digit, same block, lower warp) + (same digit, same warp, earlier).
-    // The in-warp rank comes from ballots: the lanes whose digit equals this lane's agree with
-    // it on every bit.
-    const int mask = (1 << digit_bits) - 1;
-    int* hist = table + warp * kBinStride;
-    for (int pass = 0; pass < passes; pass++) {
-        const int shift = pass * digit_bits;
-        if (pass > 0) {
-#pragma unroll
-            for (int r = 0; r < kRounds; r++) {
-                const int i = first + r * 32;
-                if (r < rounds && i < nb) key[r] = skey[i];
-            }
-        }
-        for (int d = lane; d < kBinStride; d += 32) hist[d] = 0;
-        __syncwarp();
-        int rank_pos[kRounds];  // rank in the warp << 16 | position
-#pragma unroll
-        for (int r = 0; r < kRounds; r++) {
-            if (r >= rounds) break;
-            const int i = first + r * 32;
-            const bool valid = i < nb;
-            const int digit = valid ? (key[r] >> shift) & mask : kBins;
-            unsigned peers = __ballot_sync(kFullMask, valid);
-            if (!valid) peers = ~peers;
-#pragma unroll
-            for (int bit = 0; bit < 8; bit++) {
-                if (bit >= digit_bits) break;
-                const unsigned ones = __ballot_sync(kFullMask, (digit >> bit) & 1);
-                peers &= ((digit >> bit) & 1) ? ones : ~ones;
-            }
-            const int pos = pass == 0 || !valid ? e0 + i : spos[i];
-            rank_pos[r] = (hist[digit] + __popc(peers & lanes_below)) << 16 | pos;
-            __syncwarp();
-            if (lane == 31 - __clz(peers)) hist[digit] += __popc(peers);  // one writer per digit
-            __syncwarp();
-        }
-        __syncthreads();
-        // the block's count of each digit, then each (digit, warp) cell's exclusive prefix within
-        // its digit
-        for (int d = threadIdx.x; d <= mask; d += kSortThreads) {
-            int running = 0;
-            for (int w = 0; w < kSortWarps; w++) {
-                const int count = table[w * kBinStride + d];
-                table[w * kBinStride + d] = running;
-                running += count;
-            }
-            gbase[d] = running;
-        }
-        cluster_sync<G>();  // every block's counts are out; every key of this pass is read
-        // digit d's entries of this block start at (all entries with smaller digits) + (digit d
-        // in earlier blocks)
-        int below = 0, total = 0;
-        if ((int)threadIdx.x <= mask) {
-            int count[G];
-#pragma unroll
-            for (int b = 0; b < G; b++) count[b] = peer<G>(gbase, b)[threadIdx.x];
-#pragma unroll
-            for (int b = 0; b < G; b++) {
-                if (b < q) below += count[b];
-                total += count[b];
-            }
-        }
-        const int start = block_exclusive_scan((int)threadIdx.x <= mask ? total : 0, 0, Plus(),
-                                               buf, nullptr);
-        cluster_sync<G>();  // every block has read gbase
-        if ((int)threadIdx.x <= mask) gbase[threadIdx.x] = start + below;
-        __syncthreads();
-#pragma unroll
-        for (int r = 0; r < kRounds; r++) {
-            if (r >= rounds || first + r * 32 >= nb) break;
-            const int digit = (key[r] >> shift) & mask;
-            const int dst = gbase[digit] + hist[digit] + (rank_pos[r] >> 16);
-            peer<G>(skey, dst / Sb)[dst % Sb] = key[r];
-            peer<G>(spos, dst / Sb)[dst % Sb] = rank_pos[r] & 0xffff;
-        }
-        cluster_sync<G>();
+// The tiles of the backward kernel need the entries of the long runs as one list sorted by (id,
+// position). Each long block orders the (few) long ids and takes their offsets in the list, then
+// takes ids in turn: a ballot over the chunk's ids in position order gives a bitmask of the id's
+// positions, and a scan of the mask's popcounts gives each position its place.
+__device__ void sort_long_runs(int* __restrict__ long_keys, int* __restrict__ long_rows,
+                               int* __restrict__ counts, const int* __restrict__ id_count,
+                               const int* __restrict__ long_ids, const int* __restrict__ idx,
+                               Chunk chunk, int block, int nblocks) {
+    __shared__ int arrived[kMaxLong], sorted[kMaxLong], offset[kMaxLong], buf[32];
+    const int L = counts[kLongIds];
+    for (int i = threadIdx.x; i < L; i += kGroupThreads) arrived[i] = long_ids[i];
+    __syncthreads();
+    for (int i = threadIdx.x; i < L; i += kGroupThreads) {  // distinct ids: rank = smaller ones
+        const int id = arrived[i];
+        int rank = 0;
+        for (int j = 0; j < L; j++) rank += arrived[j] < id;
+        sorted[rank] = id;
     }
-
-    // Runs of equal keys. Run starts: a max-scan of the head indices in list order; then the
-    // last entry of each run writes the run's length over the run's first key, where every
-    // entry of the run reads it.
-    int start[kRounds];
-    unsigned last = 0;  // bit r: this thread's entry of round r ends its run
-    int carry = -1;
-#pragma unroll
-    for (int r = 0; r < kRounds; r++) {
-        if (r >= rounds) break;
-        const int i = first + r * 32, e = e0 + i;
-        int head = -1;
-        if (i < nb) {
-            key[r] = skey[i];
-            const int prev = i > 0 ? skey[i - 1] : (q > 0 ? peer<G>(skey, q - 1)[Sb - 1] : -1);
-            const int next = i + 1 < nb ? skey[i + 1] : (e + 1 < S ? peer<G>(skey, q + 1)[0] : -1);
-            if (prev != key[r]) head = e;
-            if (next != key[r]) last |= 1u << r;
-        }
-        start[r] = max(carry, warp_inclusive_scan(head, Max()));
-        carry = __shfl_sync(kFullMask, start[r], 31);
-    }
-    int block_max;
-    const int before = block_exclusive_scan(lane == 31 ? carry : -1, -1, Max(), buf, &block_max);
-    const int before_block = cluster_exclusive<G>(block_max, -1, Max(), slot);  // keys all read
-#pragma unroll
-    for (int r = 0; r < kRounds; r++) {
-        if (r >= rounds) break;
-        start[r] = max(start[r], max(before, before_block));
-        const int i = first + r * 32;
-        if (i < nb && (last >> r & 1u))
-            peer<G>(skey, start[r] / Sb)[start[r] % Sb] = e0 + i - start[r] + 1;
-    }
-    cluster_sync<G>();
-    // start[r] becomes the entry's link; long-run entries get -2 and a place in the long list
-    int nlong = 0;
-#pragma unroll
-    for (int r = 0; r < kRounds; r++) {
-        if (r >= rounds) break;
-        const int i = first + r * 32;
-        bool is_long = false;
-        if (i < nb) {
-            const int len = peer<G>(skey, start[r] / Sb)[start[r] % Sb];
-            is_long = key[r] != V && len > kShortRun;
-            if (key[r] == V || len > kShortRun)
-                start[r] = is_long ? -2 : -1;
-            else
-                start[r] = (last >> r & 1u) ? (start[r] << 5 | (len - 1)) : -1;
-            links[spos[i]] = max(start[r], -1);
-        }
-        nlong += __popc(__ballot_sync(kFullMask, is_long));
-    }
-    int block_long;
-    // (lane 31 speaks for the warp, so no lane of the warp counts its own warp)
-    int at = block_exclusive_scan(lane == 31 ? nlong : 0, 0, Plus(), buf, &block_long);
-    const int long_before = cluster_exclusive<G>(block_long, 0, Plus(), slot);
-    at += long_before;
-#pragma unroll
-    for (int r = 0; r < kRounds; r++) {
-        if (r >= rounds) break;
-        const int i = first + r * 32;
-        const bool is_long = i < nb && start[r] == -2;
-        const unsigned ballot = __ballot_sync(kFullMask, is_long);
-        if (is_long) {
-            const int dst = at + __popc(ballot & lanes_below);
-            long_keys[dst] = key[r];
-            long_rows[dst] = chunk.base + spos[i];
-        }
-        at += __popc(ballot);
-    }
-    for (int i = threadIdx.x; i < nb; i += kSortThreads) sorted_rows[e0 + i] = chunk.base + spos[i];
-    if (q == G - 1 && threadIdx.x == 0) {  // the last block knows the whole list's length
-        counts[kLongCount] = long_before + block_long;
+    __syncthreads();
+    // offsets: an exclusive scan of the counts, two ids per thread (kMaxLong <= 2 * threads)
+    const int i0 = 2 * threadIdx.x;
+    const int c0 = i0 < L ? id_count[sorted[i0]] : 0;
+    const int c1 = i0 + 1 < L ? id_count[sorted[i0 + 1]] : 0;
+    int total;
+    const int before = block_exclusive_scan(c0 + c1, 0, Plus(), buf, &total);
+    if (i0 < L) offset[i0] = before;
+    if (i0 + 1 < L) offset[i0 + 1] = before + c0;
+    if (block == 0 && threadIdx.x == 0) {
+        counts[kLongCount] = total;
         counts[kOwnerCount] = 0;
     }
-    cluster_sync<G>();  // no block leaves while others may read its shared memory
+    __syncthreads();
+    const int S = chunk.size();
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const unsigned lanes_below = (1u << lane) - 1u;
+    const int* ids = idx + chunk.base;
+    for (int j = block; j < L; j += nblocks) {
+        const int id = sorted[j];
+        // word i of warp w: the positions w * 1024 + 32 i + (0..31) holding id; lane i keeps it
+        unsigned mine = 0;
+#pragma unroll 8
+        for (int i = 0; i < 32; i++) {
+            const int p = warp * 1024 + i * 32 + lane;
+            const unsigned word = __ballot_sync(kFullMask, p < S && ids[p] == id);
+            if (lane == i) mine = word;
+        }
+        const int at = offset[j] + block_exclusive_scan(__popc(mine), 0, Plus(), buf, nullptr);
+#pragma unroll 4
+        for (int i = 0; i < 32; i++) {
+            const unsigned word = __shfl_sync(kFullMask, mine, i);
+            const int word_at = __shfl_sync(kFullMask, at, i);
+            if (word >> lane & 1u) {
+                const int dst = word_at + __popc(word & lanes_below);
+                long_keys[dst] = id;
+                long_rows[dst] = chunk.base + warp * 1024 + i * 32 + lane;
+            }
+        }
+    }
+}
+
+// Blocks below ceil(S / kGroupThreads): one position per thread; the rest sort the long runs.
+__global__ void __launch_bounds__(kGroupThreads)
+encoder_link_kernel(int* __restrict__ links, int* __restrict__ run_rows,
+                    int* __restrict__ long_keys, int* __restrict__ long_rows,
+                    int* __restrict__ counts, const int* __restrict__ id_count,
+                    const int* __restrict__ bucket, const int* __restrict__ long_ids,
+                    const int* __restrict__ idx, Chunk chunk, int V) {
+    pdl_launch_dependents();  // the backward kernel's dwpe half needs nothing from here
+    const int position_blocks = (chunk.size() + kGroupThreads - 1) / kGroupThreads;
+    if ((int)blockIdx.x < position_blocks) {
+        const int p = blockIdx.x * kGroupThreads + threadIdx.x;
+        const int id = p < chunk.size() ? idx[chunk.base + p] : -1;
+        pdl_wait();  // the counts
+        if (p < chunk.size()) link_position(links, run_rows, id_count, bucket, id, p, chunk, V);
+        return;
+    }
+    pdl_wait();
+    sort_long_runs(long_keys, long_rows, counts, id_count, long_ids, idx, chunk,
+                   blockIdx.x - position_blocks, gridDim.x - position_blocks);
 }
 
 // ---- backward, 2: dwpe and short runs by position, long runs by tile ---------------------------
@@ -460,7 +365,7 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
                                                   const T* __restrict__ dout,
                                                   const int* __restrict__ idx,
                                                   const int* __restrict__ links,
-                                                  const int* __restrict__ sorted_rows,
+                                                  const int* __restrict__ run_rows,
                                                   const Chunk& chunk, int t, int c, int C) {
     extern __shared__ float part[];  // [kGroups][blockDim.x * VEC]: each group's dwpe share
     const int y = threadIdx.y, b0 = y * kRowsPerThread;
@@ -505,7 +410,7 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
         store_vec<T, VEC>(prow, w);
     }
 
-    pdl_wait();  // the links are the sort's
+    pdl_wait();  // the links are the group kernel's
     if (!active) return;
     // Every dwte row written here belongs to one run, and no other block writes it, so all loads
     // can go before the stores.
@@ -521,14 +426,15 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
     for (int u = 0; u < kRowsPerThread; u++) {
         if (link[u] < 0) continue;
         // the run's rows in sorted order; this position's own row is the last of them
-        const int run0 = link[u] >> 5, len = (link[u] & 31) + 1;
+        const int* rows = run_rows + (long long)((b0 + u) * chunk.Tc + t) * kShortRun;
+        const int len = link[u] + 1;
         float acc[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; k++) acc[k] = 0.0f;
 #pragma unroll 4
         for (int j = 0; j < len - 1; j++) {
             float h[VEC];
-            load_vec<T, VEC>(h, dout + (long long)sorted_rows[run0 + j] * C + c);
+            load_vec<T, VEC>(h, dout + (long long)rows[j] * C + c);
 #pragma unroll
             for (int k = 0; k < VEC; k++) acc[k] += h[k];
         }
@@ -609,13 +515,14 @@ __device__ __forceinline__ void backward_long_tile(T* __restrict__ dwte, float* 
 // blockIdx.x < Tc: a position; above: kGroups tiles of the long-run list (usually empty).
 // blockIdx.y: a slice of blockDim.x * VEC channels.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kGroups * 64, 4) encoder_backward_kernel(T* __restrict__ dwte, T* __restrict__ dwpe,
+__global__ void __launch_bounds__(kGroups * 64, 4)
+encoder_backward_kernel(T* __restrict__ dwte, T* __restrict__ dwpe,
                                         int* __restrict__ s, EncoderPlan p,
                                         const T* __restrict__ dout, const int* __restrict__ idx,
                                         Chunk chunk, int C) {
     const int c = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
     if ((int)blockIdx.x < chunk.Tc) {
-        backward_position<T, VEC>(dwte, dwpe, dout, idx, s + p.links, s + p.sorted_rows, chunk,
+        backward_position<T, VEC>(dwte, dwpe, dout, idx, s + p.links, s + p.run_rows, chunk,
                                   blockIdx.x, c, C);
         return;
     }
@@ -706,16 +613,19 @@ encoder_run_sum_kernel(T* __restrict__ dwte, const int* __restrict__ s, EncoderP
     }
 }
 
-template <int G>
-void launch_sort(const EncoderPlan& p, const Chunk& chunk, int* s, const int* ids, int V,
-                 cudaStream_t st) {
+void launch_group(const EncoderPlan& p, const Chunk& chunk, int* s, const int* ids, int V,
+                  cudaStream_t st) {
     const char* op = "encoder_backward";
-    set_smem(op, encoder_sort_kernel<G>, sort_smem_bytes(p.max_rounds));
-    const int Sb = ceil_div(chunk.size(), G);
-    const int rounds = ceil_div(Sb, kSortThreads);
-    launch_ex(op, encoder_sort_kernel<G>, dim3(G), dim3(kSortThreads), sort_smem_bytes(rounds), st,
-              G, false, s + p.links, s + p.sorted_rows, s + p.long_keys, s + p.long_rows,
-              s + p.counts, ids, chunk, V, p.passes, p.digit_bits, Sb, rounds);
+    const int blocks = ceil_div(chunk.size(), kGroupThreads);
+    const dim3 threads(kGroupThreads);
+    const int* cs = s;
+    launch_ex(op, encoder_zero_kernel, dim3(blocks), threads, 0, st, 1, p.hopper, s + p.id_count,
+              s + p.counts, ids, chunk, V);
+    launch_ex(op, encoder_count_kernel, dim3(blocks), threads, 0, st, 1, p.hopper,
+              s + p.id_count, s + p.bucket, s + p.long_ids, s + p.counts, ids, chunk, V);
+    launch_ex(op, encoder_link_kernel, dim3(blocks + p.long_blocks), threads, 0, st, 1, p.hopper,
+              s + p.links, s + p.run_rows, s + p.long_keys, s + p.long_rows, s + p.counts,
+              cs + p.id_count, cs + p.bucket, cs + p.long_ids, ids, chunk, V);
 }
 
 template <typename T, int VEC>
@@ -789,10 +699,7 @@ void encoder_backward(uintptr_t dwte, uintptr_t dwpe, uintptr_t scratch, uintptr
         for (int b0 = 0; b0 < B; b0 += p.Bc) {
             for (int t0 = 0; t0 < T; t0 += p.Tc) {
                 const Chunk chunk{b0 * T + t0, t0, std::min(p.Bc, B - b0), std::min(p.Tc, T - t0)};
-                if (p.hopper)
-                    launch_sort<kCluster>(p, chunk, s, ids, V, st);
-                else
-                    launch_sort<1>(p, chunk, s, ids, V, st);
+                launch_group(p, chunk, s, ids, V, st);
                 check_launch(op);
                 if (vec)
                     launch_backward<scalar_t, kVec>(as_ptr<scalar_t>(dwte), as_ptr<scalar_t>(dwpe),

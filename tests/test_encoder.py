@@ -152,7 +152,7 @@ def test_encoder_backward_matches_reference(cp, rng, B, T, C, V, maxT):
     (8, 128, 32, 1000, 128, "all_equal"),     # one run of 1024 rows: 32 tiles, one owner
     (2, 300, 77, 1000, 300, "all_equal"),     # the same on the scalar path
     (40, 3, 16, 2, 3, "random"),              # B > 16: three chunks of up to 16 sequences
-    (2, 150, 8, 70000, 150, "random"),        # V >= 2^16: three radix passes
+    (2, 150, 8, 70000, 150, "random"),        # V >= 2^16
     (3, 1000, 12, 50257, 1000, "zipf"),       # text-like skew, runs of every length
     (2, 9000, 4, 3, 9000, "random"),          # two chunks of one sequence each
     (1, 70000, 4, 7, 70000, "random"),        # T > 65536: one sequence over several chunks
@@ -160,6 +160,7 @@ def test_encoder_backward_matches_reference(cp, rng, B, T, C, V, maxT):
     (16, 1024, 64, 256, 1024, "zipf"),        # a byte-level vocabulary: nearly all runs long
     (4, 205, 20, 50257, 205, "run_lengths"),  # every run length 1..40 (short/long boundary)
     (3, 7, 8, 1, 7, "random"),                # V = 1: one-bit keys (0, and 1 for skipped ids)
+    (16, 1024, 4, 964, 1024, "most_long"),    # 963 ids of 17 positions: most long runs a chunk has
 ])
 def test_encoder_backward_id_patterns(cp, rng, B, T, C, V, maxT, kind):
     if kind == "repeated":
@@ -168,6 +169,10 @@ def test_encoder_backward_id_patterns(cp, rng, B, T, C, V, maxT, kind):
         idx = np.full((B, T), V - 1, dtype=np.int32)
     elif kind == "zipf":
         idx = _zipf_ids(rng, (B, T), V)
+    elif kind == "most_long":
+        # ids 0..962 appear 17 times each (one past a short run), id 963 fills the last 13
+        ids = np.concatenate([np.repeat(np.arange(963), 17), np.full(13, 963)])
+        idx = rng.permutation(ids).reshape(B, T).astype(np.int32)
     elif kind == "run_lengths":
         # id 100*j appears j times, j = 1..40, at shuffled positions (820 = B*T of the case)
         ids = np.repeat(100 * np.arange(1, 41), np.arange(1, 41))
@@ -262,6 +267,25 @@ def test_encoder_backward_with_given_scratch_and_stream(cp, rng):
     assert rel_err(dwpe.get(), ep) < 1e-5
     with pytest.raises(ValueError, match="encoder_backward: argument 'scratch' has 1 elements"):
         ops.encoder_backward(d_dout, d_idx, dwte, dwpe, scratch=cp.zeros(1, np.int32))
+
+
+@pytest.mark.gpu
+def test_encoder_backward_scratch_left_by_another_call(cp, rng):
+    # the scratch keeps per-id counters between calls; a call with other ids (and a long run)
+    # must not leak into the next one
+    B, T, C, V = 4, 300, 12, 500
+    scratch = cp.full(ops.encoder_backward_scratch_size(B, T, C, V), 7, dtype=np.int32)
+    first = np.where(rng.random((B, T)) < 0.5, 3, rng.integers(0, V, (B, T))).astype(np.int32)
+    ops.encoder_backward(cp.asarray(_f32(rng, (B, T, C))), cp.asarray(first),
+                         cp.zeros((V, C), np.float32), cp.zeros((T, C), np.float32),
+                         scratch=scratch)
+    idx = rng.integers(0, V, (B, T)).astype(np.int32)
+    dout = _f32(rng, (B, T, C))
+    dwte, dwpe = cp.zeros((V, C), np.float32), cp.zeros((T, C), np.float32)
+    ops.encoder_backward(cp.asarray(dout), cp.asarray(idx), dwte, dwpe, scratch=scratch)
+    ew, ep = reference.encoder_backward(dout, idx, V, T)
+    assert rel_err(dwte.get(), ew) < 1e-5
+    assert rel_err(dwpe.get(), ep) < 1e-5
 
 
 @pytest.mark.gpu

@@ -172,16 +172,17 @@ def encoder_forward(idx, wte, wpe, out=None, stream=None):
 
 
 def encoder_backward_scratch_size(B, T, C, V):
-    """int32 elements of scratch that encoder_backward needs on the current GPU (the chunk its
-    sort handles depends on the GPU's shared memory and thread-block clusters)."""
+    """int32 elements of scratch that encoder_backward needs: a counter and a bucket of 16 per
+    vocabulary id, and per-position lists for chunks of up to 16384 positions. Its contents
+    between calls do not matter."""
     return int(extension().encoder_backward_scratch_size(int(B), int(T), int(C), int(V)))
 
 
 def encoder_backward(dout, idx, dwte, dwpe, stream=None, scratch=None):
     """Accumulates the embedding gradients: dwte[v] += sum of dout[b, t] over the (b, t) with
-    idx[b, t] == v, dwpe[t] += sum over b of dout[b, t]. Bitwise reproducible (a sort of the ids
-    and fixed-order sums; no float atomics); dout is read about once. An id outside [0, V)
-    contributes to dwpe only.
+    idx[b, t] == v, dwpe[t] += sum over b of dout[b, t]. Bitwise reproducible (the ids are grouped
+    with integer counts, then each row is summed in position order; no float atomics); dout is
+    read about once. An id outside [0, V) contributes to dwpe only.
 
     dout (B, T, C); idx (B, T) int32; dwte (V, C); dwpe (maxT, C), T <= maxT; B*T <= 2**30.
     `scratch`: int32, at least encoder_backward_scratch_size(B, T, C, V) elements, 256-byte
