@@ -3,7 +3,9 @@ same run, when torch imports) and prints ms, GB/s or TFLOP/s, and the ratio.
 
 Method: CUDA events around each call, after warm-up, median of --reps repetitions, with the L2
 cache flushed (a 256 MiB buffer rewritten) before every repetition so each run reads from device
-memory. GB/s counts the fewest bytes the op must move (each input read once, each output
+memory. Everything, PyTorch included, runs on one non-blocking stream, as the model's CUDA graphs
+do: the legacy default stream serializes kernels and so disables programmatic dependent launch
+(encoder_backward's kernels overlap through it; its row on the default stream is printed too). GB/s counts the fewest bytes the op must move (each input read once, each output
 written once); the device-to-device copy measured first is the practical ceiling.
 
     python benchmarks/bench_kernels.py [--B 16 --T 1024 --C 768 --V 50304] [--json out.json]
@@ -25,6 +27,10 @@ def parse():
     p.add_argument("--V", type=int, default=50304, help="vocabulary rows (padded size)")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--ops", default="all", help="comma-separated subset of op names to run")
+    p.add_argument("--ids", default="uniform", choices=["uniform", "zipf", "bytes"],
+                   help="encoder token ids: uniform over GPT-2's 50257, zipf (text-like skew: "
+                        "frequent ids repeat hundreds of times), or bytes (256 ids, every one "
+                        "repeated ~B*T/256 times)")
     p.add_argument("--json", default=None, help="write the numbers to this file")
     return p.parse_args()
 
@@ -56,6 +62,21 @@ class Timer:
 
 def main():
     args = parse()
+    from textgpt2.device import require_gpu
+    cp = require_gpu("bench_kernels")
+    stream = cp.cuda.Stream(non_blocking=True)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    with stream:
+        if torch is None:
+            return run(args)
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream.ptr)):
+            return run(args)
+
+
+def run(args):
     from textgpt2.device import require_gpu
     cp = require_gpu("bench_kernels")
     from textgpt2 import gemm, ops
@@ -120,7 +141,11 @@ def main():
         record("residual_forward", ms, nbytes=nb, torch_ms=tms, note=pct_of_copy(nb, ms))
 
     if want("encoder"):
-        idx = cp.asarray(rng.integers(0, 50257, size=(B, T)).astype(np.int32))
+        if args.ids == "zipf":
+            ids = np.minimum(rng.zipf(1.1, size=(B, T)) - 1, 50256)
+        else:
+            ids = rng.integers(0, 256 if args.ids == "bytes" else 50257, size=(B, T))
+        idx = cp.asarray(ids.astype(np.int32))
         wte, wpe = randn(Vp, C, scale=0.02), randn(T, C, scale=0.02)
         out = cp.empty((B, T, C), f32)
         ms = timer(lambda: ops.encoder_forward(idx, wte, wpe, out=out))
@@ -143,7 +168,11 @@ def main():
         ntouched = len(np.unique(idx.get()))
         nb = dout.nbytes + 2 * ntouched * C * 4 + 2 * dwpe.nbytes + idx.nbytes
         record("encoder_backward", ms, nbytes=nb, torch_ms=tms,
-               note=pct_of_copy(nb, ms) + "; torch: index_add_ (atomics)")
+               note=pct_of_copy(nb, ms) + f"; {args.ids} ids; torch: index_add_ (atomics)")
+        with cp.cuda.Stream.null:
+            ms = timer(lambda: ops.encoder_backward(dout, idx, dwte, dwpe))
+        record("encoder_backward (default stream)", ms, nbytes=nb,
+               note=pct_of_copy(nb, ms) + "; legacy default stream: no dependent launch")
 
     if want("layernorm"):
         w, b = randn(C), randn(C)

@@ -8,22 +8,24 @@
 // The backward must give the same bits on every run, so there are no float atomics: each row's
 // sum is taken in one fixed order (ascending position). It should also read dout only once, since
 // dout is most of the bytes it moves. The positions are taken in chunks (up to 16 sequences and
-// 16384 positions: a rectangle b0 <= b < b0+Bc, t0 <= t < t0+Tc), each in three stages:
-//   1. group, in three small kernels: integer atomics count each id's positions and drop the
-//      first kShortRun of them in the id's bucket, in an order that varies; the position holding
-//      an id's last occurrence sorts its bucket and gets a "link" to that short run. Ids with
-//      more positions are long: per long id, a ballot over the chunk's ids gives the bitmask of
-//      its positions, already in order, and their entries go to one list sorted by (id,
-//      position). Integer counts are exact in any order, so nothing summed depends on timing.
-//   2. backward, launched while the grouping still runs (programmatic dependent launch): one
-//      block per position t reads the Bc rows dout[b0.., t], adds their sum to dwpe[t] (no
-//      grouping needed, so this overlaps with it), waits, then adds the short runs to their dwte
-//      rows: a run of one straight from registers, a longer one by the block that holds its last
-//      row, which re-reads the few others. Extra blocks take the long runs (frequent ids) in
-//      tiles of kTile sorted entries: a run inside a tile is added to its row directly, a run
-//      that crosses tiles leaves one partial sum per tile in scratch, so a run of thousands is
-//      spread over many blocks instead of serialized in one.
+// 16384 positions: a rectangle b0 <= b < b0+Bc, t0 <= t < t0+Tc), each in three stages, five
+// small kernels chained by programmatic dependent launch (each may start while the one before
+// finishes, and waits for it where it must):
+//   1. group: zero resets the counters of the chunk's ids; count counts each id's positions
+//      with integer atomics (exact in any order) and drops the first kShortRun of them in the
+//      id's bucket, in an order that varies; ids with more positions are listed as long, and
+//      long_sort lists their entries sorted by (id, position): per long id, a ballot over the
+//      chunk's ids gives the bitmask of its positions, already in order.
+//   2. backward: one block per position t reads the Bc rows dout[b0.., t] and adds their sum to
+//      dwpe[t] (this needs no grouping, so the first blocks do it while the grouping runs), then
+//      adds the short runs to their dwte rows: a run of one straight from registers, a longer
+//      one by the block that holds its last position, which ranks the bucket's positions and
+//      re-reads the few other rows in position order. Extra blocks take the long runs (frequent
+//      ids) in tiles of kTile sorted entries: a run inside a tile is added to its row directly,
+//      a run that crosses tiles leaves one partial sum per tile in scratch, so a run of
+//      thousands is spread over many blocks instead of serialized in one.
 //   3. run_sum adds each crossing run's partials to its row, in tile order.
+// Nothing summed depends on the order in which the atomics arrived.
 // With random ids over a 50k vocabulary nearly every run is short and dout is read about 1.05
 // times; the rows of a frequent id are read twice (for dwpe, then in its tile). The scratch
 // holds a counter and a bucket per vocabulary id (17 ints), which the zero kernel resets for
@@ -97,7 +99,7 @@ constexpr int kGroupThreads = 512;     // = kChunkCap / 32: a long-run block has
 constexpr int kGroups = 4;             // threadIdx.y of the backward kernel
 constexpr int kRowsPerThread = 4;      // dout rows one backward thread keeps
 constexpr int kMaxRows = kGroups * kRowsPerThread;  // sequences per chunk
-constexpr int kShortRun = 16;          // most positions of one id summed by one position block
+constexpr int kShortRun = 16;          // most positions of one id added by a position block
 constexpr int kMaxLong = kChunkCap / (kShortRun + 1);  // ids with more positions, at most
 constexpr int kTile = 32;              // sorted long-run entries per tile
 constexpr int kTileAhead = 4;          // rows a tile thread loads before adding them up
@@ -117,8 +119,8 @@ struct Chunk {
 struct EncoderPlan {
     int Bc, Tc;              // chunk shape
     bool hopper;             // dependent launches
-    int long_blocks;         // blocks of encoder_link_kernel that sort the long runs
-    long long id_count, bucket, links, run_rows, long_ids, long_keys, long_rows, counts, owners,
+    int long_blocks;         // blocks of encoder_long_sort_kernel
+    long long id_count, bucket, long_ids, long_keys, long_rows, counts, owners,
         partials, total;
 };
 
@@ -151,8 +153,6 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
     };
     p.id_count = take(V);
     p.bucket = take((long long)V * kShortRun);
-    p.links = take(S);
-    p.run_rows = take(S * kShortRun);
     p.long_ids = take(kMaxLong);
     p.long_keys = take(S);
     p.long_rows = take(S);
@@ -196,17 +196,14 @@ __device__ int block_exclusive_scan(int x, int identity, Op op, int* buf, int* t
 }
 
 // ---- backward, 1: group one chunk's positions by id --------------------------------------------
-// Three small kernels, each one step of a counting pass (the kernel boundaries are its grid-wide
-// barriers; launched as dependents, they cost little more than the work):
+// A counting pass in two small kernels (the kernel boundary is its grid-wide barrier; launched
+// as dependents, the kernels cost little more than their work):
 //   zero:  reset the counters of the chunk's ids;
 //   count: count each id's positions with integer atomics, which are exact in any order; each
 //          arrival drops its position in the id's bucket of kShortRun slots (in an order that
-//          varies), the first arrival past the bucket lists the id as long;
-//   link:  every position gets its link, and the long runs are sorted (below).
-// Nothing summed later depends on the arrival order: the position holding an id's last
-// occurrence sorts the bucket's few positions before listing them. Outputs, per position p:
-//   links[p]     n - 1 if p is the last of the n <= kShortRun positions of a valid id, else -1;
-//   run_rows[p * kShortRun + j], j < n - 1: the dout rows of that id's other positions, ascending.
+//          varies), the first arrival past the bucket lists the id as long.
+// Nothing summed later depends on the arrival order: the backward kernel ranks a short run's
+// positions before it adds them, and long_sort lists the long runs' entries in position order.
 
 // The first kernel of the op waits for whatever came before it in the stream (dout and idx may
 // be its outputs) before it lets the next ones launch: they read the inputs before waiting.
@@ -239,44 +236,8 @@ encoder_count_kernel(int* __restrict__ id_count, int* __restrict__ bucket,
         long_ids[atomicAdd(counts + kLongIds, 1)] = id;
 }
 
-__device__ void link_position(int* __restrict__ links, int* __restrict__ run_rows,
-                              const int* __restrict__ id_count, const int* __restrict__ bucket,
-                              int id, int p, Chunk chunk, int V) {
-    int link = -1;
-    const int n = id >= 0 && id < V ? id_count[id] : 0;
-    if (n == 1) {
-        link = 0;
-    } else if (n > 1 && n <= kShortRun) {
-        // (unrolled for registers, cut at n: a warp runs as many steps as its longest run)
-        const int* b = bucket + (long long)id * kShortRun;
-        int pos[kShortRun], last = -1;
-#pragma unroll
-        for (int j = 0; j < kShortRun; j++) {
-            if (j >= n) break;
-            pos[j] = b[j];
-            last = max(last, pos[j]);
-        }
-        if (last == p) {  // the positions are distinct, so each one's rank is a count
-#pragma unroll
-            for (int j = 0; j < kShortRun; j++) {
-                if (j >= n) break;
-                if (pos[j] == p) continue;
-                int rank = 0;
-#pragma unroll
-                for (int i = 0; i < kShortRun; i++) {
-                    if (i >= n) break;
-                    rank += pos[i] < pos[j];
-                }
-                run_rows[(long long)p * kShortRun + rank] = chunk.base + pos[j];
-            }
-            link = n - 1;
-        }
-    }
-    links[p] = link;
-}
-
 // The tiles of the backward kernel need the entries of the long runs as one list sorted by (id,
-// position). Each long block orders the (few) long ids and takes their offsets in the list, then
+// position). Each block orders the (few) long ids and takes their offsets in the list, then
 // takes ids in turn: a ballot over the chunk's ids in position order gives a bitmask of the id's
 // positions, and a scan of the mask's popcounts gives each position its place.
 __device__ void sort_long_runs(int* __restrict__ long_keys, int* __restrict__ long_rows,
@@ -335,25 +296,15 @@ __device__ void sort_long_runs(int* __restrict__ long_keys, int* __restrict__ lo
     }
 }
 
-// Blocks below ceil(S / kGroupThreads): one position per thread; the rest sort the long runs.
 __global__ void __launch_bounds__(kGroupThreads)
-encoder_link_kernel(int* __restrict__ links, int* __restrict__ run_rows,
-                    int* __restrict__ long_keys, int* __restrict__ long_rows,
-                    int* __restrict__ counts, const int* __restrict__ id_count,
-                    const int* __restrict__ bucket, const int* __restrict__ long_ids,
-                    const int* __restrict__ idx, Chunk chunk, int V) {
+encoder_long_sort_kernel(int* __restrict__ long_keys, int* __restrict__ long_rows,
+                         int* __restrict__ counts, const int* __restrict__ id_count,
+                         const int* __restrict__ long_ids, const int* __restrict__ idx,
+                         Chunk chunk) {
     pdl_launch_dependents();  // the backward kernel's dwpe half needs nothing from here
-    const int position_blocks = (chunk.size() + kGroupThreads - 1) / kGroupThreads;
-    if ((int)blockIdx.x < position_blocks) {
-        const int p = blockIdx.x * kGroupThreads + threadIdx.x;
-        const int id = p < chunk.size() ? idx[chunk.base + p] : -1;
-        pdl_wait();  // the counts
-        if (p < chunk.size()) link_position(links, run_rows, id_count, bucket, id, p, chunk, V);
-        return;
-    }
-    pdl_wait();
-    sort_long_runs(long_keys, long_rows, counts, id_count, long_ids, idx, chunk,
-                   blockIdx.x - position_blocks, gridDim.x - position_blocks);
+    pdl_wait();               // the counts
+    sort_long_runs(long_keys, long_rows, counts, id_count, long_ids, idx, chunk, blockIdx.x,
+                   gridDim.x);
 }
 
 // ---- backward, 2: dwpe and short runs by position, long runs by tile ---------------------------
@@ -364,9 +315,10 @@ template <typename T, int VEC>
 __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __restrict__ dwpe,
                                                   const T* __restrict__ dout,
                                                   const int* __restrict__ idx,
-                                                  const int* __restrict__ links,
-                                                  const int* __restrict__ run_rows,
-                                                  const Chunk& chunk, int t, int c, int C) {
+                                                  const int* __restrict__ id_count,
+                                                  const int* __restrict__ bucket,
+                                                  const Chunk& chunk, int t, int c, int C,
+                                                  int V) {
     extern __shared__ float part[];  // [kGroups][blockDim.x * VEC]: each group's dwpe share
     const int y = threadIdx.y, b0 = y * kRowsPerThread;
     const bool active = c < C;
@@ -398,43 +350,58 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
     __syncthreads();
     if (y == 0 && active) {  // the groups' shares in group order
         T* prow = dwpe + (long long)(chunk.t0 + t) * C + c;
-        float w[VEC];
-        load_vec<T, VEC>(w, prow);
+        float pw[VEC];
+        load_vec<T, VEC>(pw, prow);
         for (int y2 = 1; y2 < kGroups && y2 * kRowsPerThread < chunk.Bc; y2++) {
             const float* other = part + (y2 * blockDim.x + threadIdx.x) * VEC;
 #pragma unroll
             for (int k = 0; k < VEC; k++) sum[k] += other[k];
         }
 #pragma unroll
-        for (int k = 0; k < VEC; k++) w[k] += sum[k];
-        store_vec<T, VEC>(prow, w);
+        for (int k = 0; k < VEC; k++) pw[k] += sum[k];
+        store_vec<T, VEC>(prow, pw);
     }
 
-    pdl_wait();  // the links are the group kernel's
-    if (!active) return;
-    // Every dwte row written here belongs to one run, and no other block writes it, so all loads
-    // can go before the stores.
-    int link[kRowsPerThread];
+    pdl_wait();  // the counts and buckets
+    // Short runs: the block holding a run's last position adds the run, in position order. The
+    // bucket lists the run's positions in arrival order (lane j reads the j-th); each warp ranks
+    // them into its own `order` rows. Every dwte row written here belongs to one run, and no
+    // other block writes it, so all the rows' loads go before the stores. The values are the
+    // same for every thread of a group, so its warps stay converged.
+    __shared__ int order[kGroups * 64 / 32][kRowsPerThread][kShortRun];
+    const int lane = threadIdx.x % 32;
+    int (*ord)[kShortRun] = order[(y * blockDim.x + threadIdx.x) / 32];
+    unsigned others = 0;  // 5 bits per row: 1 + the other positions of its run; 0: not added here
 #pragma unroll
-    for (int u = 0; u < kRowsPerThread; u++)
-        link[u] = b0 + u < chunk.Bc ? links[(b0 + u) * chunk.Tc + t] : -1;
+    for (int u = 0; u < kRowsPerThread; u++) {
+        if (b0 + u >= chunk.Bc || id[u] < 0 || id[u] >= V) continue;
+        const int n = id_count[id[u]];
+        if (n == 1) others |= 1u << (5 * u);
+        if (n < 2 || n > kShortRun) continue;  // a long run: the tiles add it
+        const int pos = lane < n ? bucket[(long long)id[u] * kShortRun + lane] : -1;
+        if (__reduce_max_sync(kFullMask, pos) != (b0 + u) * chunk.Tc + t) continue;
+        int rank = 0;  // the positions are distinct
+        for (int i = 0; i < n; i++) rank += __shfl_sync(kFullMask, pos, i) < pos;
+        if (lane < n) ord[u][rank] = pos;
+        others |= (unsigned)n << (5 * u);
+    }
+    __syncwarp();
     float w[kRowsPerThread][VEC];
 #pragma unroll
     for (int u = 0; u < kRowsPerThread; u++)
-        if (link[u] >= 0) load_vec<T, VEC>(w[u], dwte + (long long)id[u] * C + c);
+        if (active && (others >> (5 * u) & 31u))
+            load_vec<T, VEC>(w[u], dwte + (long long)id[u] * C + c);
 #pragma unroll
     for (int u = 0; u < kRowsPerThread; u++) {
-        if (link[u] < 0) continue;
-        // the run's rows in sorted order; this position's own row is the last of them
-        const int* rows = run_rows + (long long)((b0 + u) * chunk.Tc + t) * kShortRun;
-        const int len = link[u] + 1;
+        const int n = others >> (5 * u) & 31u;
+        if (n == 0 || !active) continue;
         float acc[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; k++) acc[k] = 0.0f;
 #pragma unroll 4
-        for (int j = 0; j < len - 1; j++) {
+        for (int j = 0; j < n - 1; j++) {  // the others; rank n-1 is this position
             float h[VEC];
-            load_vec<T, VEC>(h, dout + (long long)rows[j] * C + c);
+            load_vec<T, VEC>(h, dout + (long long)(chunk.base + ord[u][j]) * C + c);
 #pragma unroll
             for (int k = 0; k < VEC; k++) acc[k] += h[k];
         }
@@ -519,11 +486,14 @@ __global__ void __launch_bounds__(kGroups * 64, 4)
 encoder_backward_kernel(T* __restrict__ dwte, T* __restrict__ dwpe,
                                         int* __restrict__ s, EncoderPlan p,
                                         const T* __restrict__ dout, const int* __restrict__ idx,
-                                        Chunk chunk, int C) {
+                                        Chunk chunk, int C, int V) {
+    // run_sum may launch once every block here has started (its blocks then wait for this grid
+    // to finish), so its launch overlaps the last wave instead of following it
+    pdl_launch_dependents();
     const int c = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
     if ((int)blockIdx.x < chunk.Tc) {
-        backward_position<T, VEC>(dwte, dwpe, dout, idx, s + p.links, s + p.run_rows, chunk,
-                                  blockIdx.x, c, C);
+        backward_position<T, VEC>(dwte, dwpe, dout, idx, s + p.id_count, s + p.bucket, chunk,
+                                  blockIdx.x, c, C, V);
         return;
     }
     pdl_wait();
@@ -623,14 +593,14 @@ void launch_group(const EncoderPlan& p, const Chunk& chunk, int* s, const int* i
               s + p.counts, ids, chunk, V);
     launch_ex(op, encoder_count_kernel, dim3(blocks), threads, 0, st, 1, p.hopper,
               s + p.id_count, s + p.bucket, s + p.long_ids, s + p.counts, ids, chunk, V);
-    launch_ex(op, encoder_link_kernel, dim3(blocks + p.long_blocks), threads, 0, st, 1, p.hopper,
-              s + p.links, s + p.run_rows, s + p.long_keys, s + p.long_rows, s + p.counts,
-              cs + p.id_count, cs + p.bucket, cs + p.long_ids, ids, chunk, V);
+    launch_ex(op, encoder_long_sort_kernel, dim3(p.long_blocks), threads, 0, st, 1, p.hopper,
+              s + p.long_keys, s + p.long_rows, s + p.counts, cs + p.id_count, cs + p.long_ids,
+              ids, chunk);
 }
 
 template <typename T, int VEC>
 void launch_backward(T* dwte, T* dwpe, int* s, const EncoderPlan& p, const Chunk& chunk,
-                     const T* dout, const int* idx, int C, cudaStream_t st) {
+                     const T* dout, const int* idx, int C, int V, cudaStream_t st) {
     const char* op = "encoder_backward";
     const int cv = C / VEC;  // vectors per row
     // 64 threads across the row (a slice of it) times kGroups: small blocks, several per SM
@@ -642,7 +612,8 @@ void launch_backward(T* dwte, T* dwpe, int* s, const EncoderPlan& p, const Chunk
     const int tile_blocks = ceil_div(ceil_div(chunk.size(), kTile), kGroups);
     const size_t smem = sizeof(float) * kGroups * threads * VEC;
     launch_ex(op, encoder_backward_kernel<T, VEC>, dim3(chunk.Tc + tile_blocks, slices),
-              dim3(threads, kGroups), smem, st, 1, p.hopper, dwte, dwpe, s, p, dout, idx, chunk, C);
+              dim3(threads, kGroups), smem, st, 1, p.hopper, dwte, dwpe, s, p, dout, idx, chunk, C,
+              V);
     launch_ex(op, encoder_run_sum_kernel<T, VEC>,
               dim3(std::min(ceil_div(chunk.size(), kTile), kRunBlocks), run_slices),
               dim3(kRunWarps * 32), 0, st, 1, p.hopper, dwte, s, p, C);
@@ -704,10 +675,11 @@ void encoder_backward(uintptr_t dwte, uintptr_t dwpe, uintptr_t scratch, uintptr
                 if (vec)
                     launch_backward<scalar_t, kVec>(as_ptr<scalar_t>(dwte), as_ptr<scalar_t>(dwpe),
                                                     s, p, chunk, as_ptr<const scalar_t>(dout), ids,
-                                                    C, st);
+                                                    C, V, st);
                 else
                     launch_backward<scalar_t, 1>(as_ptr<scalar_t>(dwte), as_ptr<scalar_t>(dwpe), s,
-                                                 p, chunk, as_ptr<const scalar_t>(dout), ids, C, st);
+                                                 p, chunk, as_ptr<const scalar_t>(dout), ids, C, V,
+                                                 st);
             }
         }
     });
