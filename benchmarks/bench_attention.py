@@ -20,6 +20,8 @@ import sys
 
 import numpy as np
 
+from bench_kernels import Timer  # the same method: L2 flushed, CUDA events, median
+
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,36 +34,6 @@ def parse():
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     p.add_argument("--json", default=None, help="write the numbers to this file")
     return p.parse_args()
-
-
-class Timer:
-    """Median CUDA-event time of fn() in ms; setup() runs before each call, outside the timing.
-    Events are recorded on CuPy's current stream (the legacy default stream, which PyTorch's
-    default stream also is), so they bracket torch kernels too."""
-
-    def __init__(self, cp, reps, warmup):
-        self.cp, self.reps, self.warmup = cp, reps, warmup
-        self.flush_buf = cp.empty(64 * 1024 * 1024, dtype=cp.float32)  # 256 MiB > 50 MB L2
-
-    def __call__(self, fn, setup=None):
-        cp = self.cp
-        for _ in range(self.warmup):
-            if setup:
-                setup()
-            fn()
-        cp.cuda.Device().synchronize()
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        times = []
-        for _ in range(self.reps):
-            if setup:
-                setup()
-            self.flush_buf.fill(1.0)  # also keeps the GPU busy while the host queues fn()
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, end))
-        return float(np.median(times))
 
 
 def rel(x, ref):

@@ -12,7 +12,6 @@ written once); the device-to-device copy measured first is the practical ceiling
 """
 import argparse
 import json
-import math
 import sys
 
 import numpy as np
@@ -36,22 +35,26 @@ def parse():
 
 
 class Timer:
-    def __init__(self, cp, reps):
-        self.cp, self.reps = cp, reps
+    """Median CUDA-event time of fn() in ms, after `warmup` calls; setup() runs before each call,
+    outside the timing. The events go on CuPy's current stream. Also used by bench_attention.py."""
+
+    def __init__(self, cp, reps, warmup=3):
+        self.cp, self.reps, self.warmup = cp, reps, warmup
         self.flush_buf = cp.empty(64 * 1024 * 1024, dtype=cp.float32)  # 256 MiB > 50 MB L2
 
     def __call__(self, fn, setup=None):
         cp = self.cp
-        for _ in range(3):  # warm-up: module load, handle creation, allocator
+        for _ in range(self.warmup):  # module load, handle creation, allocator
             if setup:
                 setup()
             fn()
+        cp.cuda.Device().synchronize()
         times = []
         start, end = cp.cuda.Event(), cp.cuda.Event()
         for _ in range(self.reps):
             if setup:
                 setup()
-            self.flush_buf.fill(1.0)
+            self.flush_buf.fill(1.0)  # also keeps the GPU busy while the host queues fn()
             start.record()
             fn()
             end.record()
@@ -71,14 +74,12 @@ def main():
         torch = None
     with stream:
         if torch is None:
-            return run(args)
+            return run(args, cp)
         with torch.cuda.stream(torch.cuda.ExternalStream(stream.ptr)):
-            return run(args)
+            return run(args, cp)
 
 
-def run(args):
-    from textgpt2.device import require_gpu
-    cp = require_gpu("bench_kernels")
+def run(args, cp):
     from textgpt2 import gemm, ops
     try:
         import torch

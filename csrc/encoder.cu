@@ -32,7 +32,6 @@
 // the ids it meets, so it needs no clearing between calls.
 
 #include <algorithm>
-#include <cstring>
 
 #include "common.cuh"
 #include "launchers.h"
