@@ -12,10 +12,11 @@
 // small kernels chained by programmatic dependent launch (each may start while the one before
 // finishes, and waits for it where it must):
 //   1. group: zero resets the counters of the chunk's ids; count counts each id's positions
-//      with integer atomics (exact in any order) and drops the first kShortRun of them in the
-//      id's bucket, in an order that varies; ids with more positions are listed as long, and
-//      long_sort lists their entries sorted by (id, position): per long id, a ballot over the
-//      chunk's ids gives the bitmask of its positions, already in order.
+//      with integer atomics (exact in any order; one per id and warp) and drops the first
+//      kShortRun of them in the id's bucket, in an order that varies; ids with more positions
+//      are listed as long, and long_sort lists their entries sorted by (id, position): per long
+//      id, a ballot over the chunk's ids (copied to shared memory) gives the bitmask of its
+//      positions, already in order.
 //   2. backward: one block per position t reads the Bc rows dout[b0.., t] and adds their sum to
 //      dwpe[t] (this needs no grouping, so the first blocks do it while the grouping runs), then
 //      adds the short runs to their dwte rows: a run of one straight from registers, a longer
@@ -227,8 +228,16 @@ encoder_count_kernel(int* __restrict__ id_count, int* __restrict__ bucket,
     const int p = blockIdx.x * kGroupThreads + threadIdx.x;
     const int id = p < chunk.size() ? idx[chunk.base + p] : -1;
     pdl_wait();  // the counters are zero
-    if (id < 0 || id >= V) return;
-    const int slot = atomicAdd(id_count + id, 1);
+    // One atomic per id and warp: the lanes holding the same id take consecutive slots (text
+    // repeats a few ids a lot, and atomics on one address are served one at a time).
+    const int lane = threadIdx.x % 32;
+    const unsigned peers = __match_any_sync(kFullMask, id);
+    const int leader = __ffs(peers) - 1;
+    if (id < 0 || id >= V) return;  // the whole group of peers
+    int base = 0;
+    if (lane == leader) base = atomicAdd(id_count + id, __popc(peers));
+    base = __shfl_sync(peers, base, leader);
+    const int slot = base + __popc(peers & ((1u << lane) - 1u));
     if (slot < kShortRun)
         bucket[(long long)id * kShortRun + slot] = p;
     else if (slot == kShortRun)  // the first arrival past the bucket lists the id, once
@@ -241,8 +250,8 @@ encoder_count_kernel(int* __restrict__ id_count, int* __restrict__ bucket,
 // positions, and a scan of the mask's popcounts gives each position its place.
 __device__ void sort_long_runs(int* __restrict__ long_keys, int* __restrict__ long_rows,
                                int* __restrict__ counts, const int* __restrict__ id_count,
-                               const int* __restrict__ long_ids, const int* __restrict__ idx,
-                               Chunk chunk, int block, int nblocks) {
+                               const int* __restrict__ long_ids, const int* ids, Chunk chunk,
+                               int block, int nblocks) {
     __shared__ int arrived[kMaxLong], sorted[kMaxLong], offset[kMaxLong], buf[32];
     const int L = counts[kLongIds];
     for (int i = threadIdx.x; i < L; i += kGroupThreads) arrived[i] = long_ids[i];
@@ -270,7 +279,6 @@ __device__ void sort_long_runs(int* __restrict__ long_keys, int* __restrict__ lo
     const int S = chunk.size();
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const unsigned lanes_below = (1u << lane) - 1u;
-    const int* ids = idx + chunk.base;
     for (int j = block; j < L; j += nblocks) {
         const int id = sorted[j];
         // word i of warp w: the positions w * 1024 + 32 i + (0..31) holding id; lane i keeps it
@@ -295,14 +303,18 @@ __device__ void sort_long_runs(int* __restrict__ long_keys, int* __restrict__ lo
     }
 }
 
+// Each block copies the chunk's ids to shared memory while count runs, so that its ballots read
+// them from there instead of from L2 (which the backward kernel's first blocks keep busy).
 __global__ void __launch_bounds__(kGroupThreads)
 encoder_long_sort_kernel(int* __restrict__ long_keys, int* __restrict__ long_rows,
                          int* __restrict__ counts, const int* __restrict__ id_count,
                          const int* __restrict__ long_ids, const int* __restrict__ idx,
                          Chunk chunk) {
+    extern __shared__ int ids[];  // [chunk.size()]
     pdl_launch_dependents();  // the backward kernel's dwpe half needs nothing from here
-    pdl_wait();               // the counts
-    sort_long_runs(long_keys, long_rows, counts, id_count, long_ids, idx, chunk, blockIdx.x,
+    for (int i = threadIdx.x; i < chunk.size(); i += kGroupThreads) ids[i] = idx[chunk.base + i];
+    pdl_wait();  // the counts
+    sort_long_runs(long_keys, long_rows, counts, id_count, long_ids, ids, chunk, blockIdx.x,
                    gridDim.x);
 }
 
@@ -592,7 +604,9 @@ void launch_group(const EncoderPlan& p, const Chunk& chunk, int* s, const int* i
               s + p.counts, ids, chunk, V);
     launch_ex(op, encoder_count_kernel, dim3(blocks), threads, 0, st, 1, p.hopper,
               s + p.id_count, s + p.bucket, s + p.long_ids, s + p.counts, ids, chunk, V);
-    launch_ex(op, encoder_long_sort_kernel, dim3(p.long_blocks), threads, 0, st, 1, p.hopper,
+    set_smem(op, encoder_long_sort_kernel, kChunkCap * sizeof(int));
+    launch_ex(op, encoder_long_sort_kernel, dim3(p.long_blocks), threads,
+              chunk.size() * sizeof(int), st, 1, p.hopper,
               s + p.long_keys, s + p.long_rows, s + p.counts, cs + p.id_count, cs + p.long_ids,
               ids, chunk);
 }
