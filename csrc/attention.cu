@@ -215,6 +215,29 @@ __device__ __forceinline__ void mma_rows_b(float (&acc)[D / 8][4], const uint32_
     }
 }
 
+// acc = A B^T over D-long rows, both operands read with pattern A from swizzled [*, D] shared
+// tiles: A is this warp's 16 rows starting at `a_rows` (offsets oa_r), B the 8 NJ rows starting at
+// `b_rows` (offsets oa_g); acc holds the 16 x 8NJ result as NJ accumulator tiles.
+template <int D, int NJ>
+__device__ __forceinline__ void mma_abt(float (&acc)[NJ][4], const float* a_rows,
+                                        const float* b_rows, const OffA& oa_r, const OffA& oa_g) {
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+    for (int p = 0; p < D / 16; ++p) {
+        const float4 xa = lds4(a_rows + pick(oa_r, p) + 16 * p);
+        const float4 xb = lds4(a_rows + 8 * D + pick(oa_r, p) + 16 * p);
+        const uint32_t a0[4] = {bits(xa.x), bits(xb.x), bits(xa.y), bits(xb.y)};
+        const uint32_t a1[4] = {bits(xa.z), bits(xb.z), bits(xa.w), bits(xb.w)};
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+            const float4 y = lds4(b_rows + 8 * j * D + pick(oa_g, p) + 16 * p);
+            mma_tf32(acc[j], a0, bits(y.x), bits(y.y));
+            mma_tf32(acc[j], a1, bits(y.z), bits(y.w));
+        }
+    }
+}
+
 // ---- dropout masks (see the opening comment) -------------------------------------------------
 
 // What the DROP = true kernels need; built once per launch on the host from p.
@@ -601,7 +624,7 @@ __global__ void __launch_bounds__(kThreads, (DkdvCfg<D, BRQ>::min_blocks))
                                    int T, int H, float c, float scale, DropArgs dr) {
     static_assert(std::is_same<scalar_t, float>::value, "only the fp32 (TF32 MMA) path exists");
     using Cfg = DkdvCfg<D, BRQ>;
-    constexpr int BC = kRows, KS = D / 8, NJ = BRQ / 8, NQ = D / 32;
+    constexpr int BC = kRows, NJ = BRQ / 8, NQ = D / 32;
     extern __shared__ __align__(16) float smem[];
     float* Ks = smem;
     float* Vs = smem + BC * D;
@@ -672,21 +695,7 @@ __global__ void __launch_bounds__(kThreads, (DkdvCfg<D, BRQ>::min_blocks))
         if (kw0 < min(q0 + BRQ, T)) {  // warp-uniform: some (key <= query) pair is real
             // S^T = K Q^T: rows = this warp's 16 keys, columns = the tile's queries
             float s[NJ][4];
-#pragma unroll
-            for (int j = 0; j < NJ; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-            for (int p = 0; p < KS / 2; ++p) {
-                const float4 ka = lds4(Ks + pick(oa_r, p) + 16 * p);
-                const float4 kb = lds4(Ks + 8 * D + pick(oa_r, p) + 16 * p);
-                const uint32_t a0[4] = {bits(ka.x), bits(kb.x), bits(ka.y), bits(kb.y)};
-                const uint32_t a1[4] = {bits(ka.z), bits(kb.z), bits(ka.w), bits(kb.w)};
-#pragma unroll
-                for (int j = 0; j < NJ; ++j) {
-                    const float4 qq = lds4(Qs + 8 * j * D + pick(oa_g, p) + 16 * p);
-                    mma_tf32(s[j], a0, bits(qq.x), bits(qq.y));
-                    mma_tf32(s[j], a1, bits(qq.z), bits(qq.w));
-                }
-            }
+            mma_abt<D, NJ>(s, Ks, Qs, oa_r, oa_g);
             // P^T = exp2(c S^T - lse2[query]); key > query masked
             const bool need_mask = q0 < kw0 + 15;
             const int key0 = kw0 + g, key1 = key0 + 8;
@@ -727,21 +736,7 @@ __global__ void __launch_bounds__(kThreads, (DkdvCfg<D, BRQ>::min_blocks))
             }
             // dP^T = V dO^T
             float dp[NJ][4];
-#pragma unroll
-            for (int j = 0; j < NJ; ++j) dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.f;
-#pragma unroll
-            for (int p = 0; p < KS / 2; ++p) {
-                const float4 va = lds4(Vs + pick(oa_r, p) + 16 * p);
-                const float4 vb = lds4(Vs + 8 * D + pick(oa_r, p) + 16 * p);
-                const uint32_t a0[4] = {bits(va.x), bits(vb.x), bits(va.y), bits(vb.y)};
-                const uint32_t a1[4] = {bits(va.z), bits(vb.z), bits(va.w), bits(vb.w)};
-#pragma unroll
-                for (int j = 0; j < NJ; ++j) {
-                    const float4 dd = lds4(dOs + 8 * j * D + pick(oa_g, p) + 16 * p);
-                    mma_tf32(dp[j], a0, bits(dd.x), bits(dd.y));
-                    mma_tf32(dp[j], a1, bits(dd.z), bits(dd.w));
-                }
-            }
+            mma_abt<D, NJ>(dp, Vs, dOs, oa_r, oa_g);
             // dS^T = P^T (dP^T - D[query]); with dropout dP = M r (dO.v): kept (s >= 0)
             // s (dPd r - D), dropped (s = -P) P (0 - D) = s D
 #pragma unroll
@@ -821,7 +816,7 @@ __global__ void __launch_bounds__(kThreads, (DqCfg<D, BC>::min_blocks))
                                  float scale, DropArgs dr) {
     static_assert(std::is_same<scalar_t, float>::value, "only the fp32 (TF32 MMA) path exists");
     using Cfg = DqCfg<D, BC>;
-    constexpr int BR = kRows, KS = D / 8, NJ = BC / 8, NQ = D / 32;
+    constexpr int BR = kRows, NJ = BC / 8, NQ = D / 32;
     extern __shared__ __align__(16) float smem[];
     float* Qs = smem;
     float* dOs = smem + BR * D;
@@ -890,21 +885,7 @@ __global__ void __launch_bounds__(kThreads, (DqCfg<D, BC>::min_blocks))
             }
             // S = Q K^T (A = Q from shared, pattern A on both operands)
             float s[NJ][4];
-#pragma unroll
-            for (int j = 0; j < NJ; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-            for (int p = 0; p < KS / 2; ++p) {
-                const float4 xa = lds4(Qs + pick(oa_r, p) + 16 * p);
-                const float4 xb = lds4(Qs + 8 * D + pick(oa_r, p) + 16 * p);
-                const uint32_t a0[4] = {bits(xa.x), bits(xb.x), bits(xa.y), bits(xb.y)};
-                const uint32_t a1[4] = {bits(xa.z), bits(xb.z), bits(xa.w), bits(xb.w)};
-#pragma unroll
-                for (int j = 0; j < NJ; ++j) {
-                    const float4 kk = lds4(Ks + 8 * j * D + pick(oa_g, p) + 16 * p);
-                    mma_tf32(s[j], a0, bits(kk.x), bits(kk.y));
-                    mma_tf32(s[j], a1, bits(kk.z), bits(kk.w));
-                }
-            }
+            mma_abt<D, NJ>(s, Qs, Ks, oa_r, oa_g);
             // P = exp2(c S - lse2[row]); key > row masked (this also masks keys >= T)
             const float la = lse2s[qr], lb = lse2s[qr + 8];
             const bool need_mask = k0 + BC - 1 > wq0;
@@ -930,21 +911,7 @@ __global__ void __launch_bounds__(kThreads, (DqCfg<D, BC>::min_blocks))
             }
             // dP = dO V^T
             float dp[NJ][4];
-#pragma unroll
-            for (int j = 0; j < NJ; ++j) dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.f;
-#pragma unroll
-            for (int p = 0; p < KS / 2; ++p) {
-                const float4 xa = lds4(dOs + pick(oa_r, p) + 16 * p);
-                const float4 xb = lds4(dOs + 8 * D + pick(oa_r, p) + 16 * p);
-                const uint32_t a0[4] = {bits(xa.x), bits(xb.x), bits(xa.y), bits(xb.y)};
-                const uint32_t a1[4] = {bits(xa.z), bits(xb.z), bits(xa.w), bits(xb.w)};
-#pragma unroll
-                for (int j = 0; j < NJ; ++j) {
-                    const float4 vv = lds4(Vs + 8 * j * D + pick(oa_g, p) + 16 * p);
-                    mma_tf32(dp[j], a0, bits(vv.x), bits(vv.y));
-                    mma_tf32(dp[j], a1, bits(vv.z), bits(vv.w));
-                }
-            }
+            mma_abt<D, NJ>(dp, dOs, Vs, oa_r, oa_g);
             // dS = P (dP - D[row]); with dropout as in the dk/dv kernel: s (dPd r - D) where
             // kept (s >= 0), s D where dropped (s = -P)
             const float Da = Ds[qr], Db = Ds[qr + 8];
