@@ -303,6 +303,13 @@ inline int pick_npl(int need) {
     return 0;
 }
 
+// Calls f(std::integral_constant<int, VEC>): VEC = kVec where the rows are read in 16-byte
+// vectors, else 1.
+template <int kVec, typename F> void with_vec(bool vec, F&& f) {
+    if (vec) f(std::integral_constant<int, kVec>{});
+    else f(std::integral_constant<int, 1>{});
+}
+
 // Calls f(std::integral_constant<int, NPL>) for the runtime npl.
 template <typename F> void with_npl(int npl, F&& f) {
     switch (npl) {
@@ -354,15 +361,15 @@ void layernorm_forward(uintptr_t out, uintptr_t mean, uintptr_t rstd, uintptr_t 
                                            as_ptr<const scalar_t>(weight),
                                            as_ptr<const scalar_t>(bias), N, C, eps);
         };
-        if (npl == 0) {
-            if (vec) args(layernorm_forward_looped_kernel<scalar_t, kVec>);
-            else args(layernorm_forward_looped_kernel<scalar_t, 1>);
-        } else {
-            with_npl(npl, [&](auto n) {
-                if (vec) args(layernorm_forward_kernel<scalar_t, kVec, decltype(n)::value>);
-                else args(layernorm_forward_kernel<scalar_t, 1, decltype(n)::value>);
-            });
-        }
+        with_vec<kVec>(vec, [&](auto v) {
+            constexpr int VEC = decltype(v)::value;
+            if (npl == 0)
+                args(layernorm_forward_looped_kernel<scalar_t, VEC>);
+            else
+                with_npl(npl, [&](auto n) {
+                    args(layernorm_forward_kernel<scalar_t, VEC, decltype(n)::value>);
+                });
+        });
     });
     check_launch("layernorm_forward");
 }
@@ -394,22 +401,19 @@ void layernorm_backward(uintptr_t dx, uintptr_t dweight, uintptr_t dbias, uintpt
                 as_ptr<const scalar_t>(x), as_ptr<const scalar_t>(weight),
                 as_ptr<const float>(mean), as_ptr<const float>(rstd), N, C, g.rows_per_block);
         };
-        if (npl == 0) {
-            // one warp per block: as many rows per block as the scratch rows allow
-            if (vec) args(layernorm_backward_looped_kernel<scalar_t, kVec>, bwd_grid(N, 1), 32);
-            else args(layernorm_backward_looped_kernel<scalar_t, 1>, bwd_grid(N, 1), 32);
-        } else {
-            with_npl(npl, [&](auto n) {
-                constexpr int NPL = decltype(n)::value;
-                if (vec) {
-                    constexpr int W = kBwdWarps<kVec, NPL>;
-                    args(layernorm_backward_kernel<scalar_t, kVec, NPL>, bwd_grid(N, W), W * 32);
-                } else {
-                    constexpr int W = kBwdWarps<1, NPL>;
-                    args(layernorm_backward_kernel<scalar_t, 1, NPL>, bwd_grid(N, W), W * 32);
-                }
-            });
-        }
+        with_vec<kVec>(vec, [&](auto v) {
+            constexpr int VEC = decltype(v)::value;
+            if (npl == 0) {
+                // one warp per block: as many rows per block as the scratch rows allow
+                args(layernorm_backward_looped_kernel<scalar_t, VEC>, bwd_grid(N, 1), 32);
+            } else {
+                with_npl(npl, [&](auto n) {
+                    constexpr int NPL = decltype(n)::value;
+                    constexpr int W = kBwdWarps<VEC, NPL>;
+                    args(layernorm_backward_kernel<scalar_t, VEC, NPL>, bwd_grid(N, W), W * 32);
+                });
+            }
+        });
         layernorm_param_grad_kernel<scalar_t><<<ceil_div(2LL * C, 32), kReduceWarps * 32, 0, st>>>(
             as_ptr<scalar_t>(dweight), as_ptr<scalar_t>(dbias), partial, nblocks, C);
     });
