@@ -13,12 +13,10 @@ bench_kernels (CUDA events, L2 flushed before every repetition, median).
 """
 import argparse
 import json
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import Timer  # the same method: L2 flushed, CUDA events, median
 
 PATTERN = r"""
 extern "C" __global__ void pattern(const float4* __restrict__ dout, float4* __restrict__ dwte,
@@ -79,7 +77,6 @@ def main():
     args = parse()
     from textgpt2 import ops
     from textgpt2.device import require_gpu
-    from bench_kernels import Timer
     cp = require_gpu("bench_encoder_ceiling")
     B, T, C, V = args.B, args.T, args.C, args.V
     rng = np.random.default_rng(0)

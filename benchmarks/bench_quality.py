@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from torch_twin import build_torch_gpt  # benchmarks/torch_twin.py, beside this script
+from torch_twin import adamw_groups, build_torch_gpt, load_our_weights  # beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -258,14 +258,8 @@ def run_torch(args, cfg, train, val, train_ix, val_ix, init_state):
 
     def make():
         model = build_torch_gpt(torch, cfg, args.dropout).to(dev)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                ours = name[:-len(".weight")] if name in ("wte.weight", "wpe.weight") else name
-                p.copy_(torch.from_numpy(init_state[ours]))
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": args.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        load_our_weights(torch, model, init_state)
+        groups = adamw_groups(model, args.weight_decay)
         try:
             opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2),
                                     eps=1e-8, fused=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from textgpt2.tokenizer import (BUNDLED_MERGES, BUNDLED_VOCAB, GPT2_PATTERN,  # noqa: E402
+from textgpt2.tokenizer import (BUNDLED_VOCAB, GPT2_PATTERN,  # noqa: E402
                                 UNICODE_TO_BYTE, GPT2Tokenizer, encode_parallel)
 
 DATA = ROOT.parent / "shared" / "data"

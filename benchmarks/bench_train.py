@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from torch_twin import build_torch_gpt  # benchmarks/torch_twin.py, beside this script
+from torch_twin import adamw_groups, build_torch_gpt, load_our_weights  # beside this script
 
 TORCH_DEVICE = "cuda"
 
@@ -258,15 +258,8 @@ def bench_torch(args, cfg, T, batches, init_state):
     torch.backends.cudnn.allow_tf32 = args.math == "tf32"
     dev = torch.device(TORCH_DEVICE)
     model = build_torch_gpt(torch, cfg).to(dev)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            ours = name[:-len(".weight")] if name in ("wte.weight", "wpe.weight") else name
-            p.copy_(torch.from_numpy(init_state[ours]))
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    load_our_weights(torch, model, init_state)
+    opt = torch.optim.AdamW(adamw_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     xs = [torch.from_numpy(x.astype(np.int64)).to(dev) for x, _ in batches]
     ys = [torch.from_numpy(y.astype(np.int64)).to(dev) for _, y in batches]
     out = {"torch_version": torch.__version__}

@@ -4,9 +4,27 @@ F.scaled_dot_product_attention causal), the same parameter names, and dropout at
 when p_drop > 0 (nn.Identity otherwise, so p = 0 adds no kernels)."""
 
 
+def load_our_weights(torch, model, state):
+    """Copy textgpt2's parameters (name -> NumPy array) into the twin: the same names, except
+    that our embedding tables are wte and wpe where the twin's are wte.weight and wpe.weight."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            ours = name[:-len(".weight")] if name in ("wte.weight", "wpe.weight") else name
+            p.copy_(torch.from_numpy(state[ours]))
+
+
+def adamw_groups(model, weight_decay):
+    """nanoGPT's AdamW parameter groups: weight decay on the matrices and embeddings (dim >= 2),
+    none on biases and layernorm parameters."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
 def build_torch_gpt(torch, cfg, p_drop=0.0):
     """An nn.Module class instance for GPTConfig `cfg`; load textgpt2's weights into it with
-    load_state_dict (same names). forward(idx, targets) returns the mean cross-entropy."""
+    load_our_weights. forward(idx, targets) returns the mean cross-entropy."""
     nn, F = torch.nn, torch.nn.functional
     C, H = cfg.n_embd, cfg.n_head
 
