@@ -8,8 +8,8 @@
 // The backward must give the same bits on every run, so there are no float atomics: each row's
 // sum is taken in one fixed order (ascending position). It should also read dout only once, since
 // dout is most of the bytes it moves. The positions are taken in chunks (up to 16 sequences and
-// 16384 positions: a rectangle b0 <= b < b0+Bc, t0 <= t < t0+Tc), each in three stages, five
-// small kernels chained by programmatic dependent launch (each may start while the one before
+// 16384 positions: a rectangle b0 <= b < b0+Bc, t0 <= t < t0+Tc), each in two stages, four
+// kernels chained by programmatic dependent launch (each may start while the one before
 // finishes, and waits for it where it must):
 //   1. group: zero resets the counters of the chunk's ids; count counts each id's positions
 //      with integer atomics (exact in any order; one per id and warp) and drops the first
@@ -21,11 +21,13 @@
 //      dwpe[t] (this needs no grouping, so the first blocks do it while the grouping runs), then
 //      adds the short runs to their dwte rows: a run of one straight from registers, a longer
 //      one by the block that holds its last position, which ranks the bucket's positions and
-//      re-reads the few other rows in position order. Extra blocks take the long runs (frequent
+//      re-reads the few other rows in position order. These blocks wait only for count (a
+//      counter its blocks raise), not for long_sort. Extra blocks take the long runs (frequent
 //      ids) in tiles of kTile sorted entries: a run inside a tile is added to its row directly,
 //      a run that crosses tiles leaves one partial sum per tile in scratch, so a run of
-//      thousands is spread over many blocks instead of serialized in one.
-//   3. run_sum adds each crossing run's partials to its row, in tile order.
+//      thousands is spread over many blocks instead of serialized in one. The last blocks wait
+//      for the tiles (another counter) and add each crossing run's partials to its row, in tile
+//      order.
 // Nothing summed depends on the order in which the atomics arrived.
 // With random ids over a 50k vocabulary nearly every run is short and dout is read about 1.05
 // times; the rows of a frequent id are read twice (for dwpe, then in its tile). The scratch
@@ -40,17 +42,18 @@
 namespace {
 
 // Partial sums are float32 whatever the storage type (VEC of them, 16-byte aligned when VEC%4==0).
+// They are read from L2 (__ldcg): blocks of the same grid wrote them.
 template <int VEC>
 __device__ __forceinline__ void load_partial(float (&dst)[VEC], const float* src) {
     if constexpr (VEC % 4 == 0) {
 #pragma unroll
         for (int k = 0; k < VEC; k += 4) {
-            const float4 f = *reinterpret_cast<const float4*>(src + k);
+            const float4 f = __ldcg(reinterpret_cast<const float4*>(src + k));
             dst[k] = f.x; dst[k + 1] = f.y; dst[k + 2] = f.z; dst[k + 3] = f.w;
         }
     } else {
 #pragma unroll
-        for (int k = 0; k < VEC; k++) dst[k] = src[k];
+        for (int k = 0; k < VEC; k++) dst[k] = __ldcg(src + k);
     }
 }
 template <int VEC>
@@ -103,8 +106,7 @@ constexpr int kShortRun = 16;          // most positions of one id added by a po
 constexpr int kMaxLong = kChunkCap / (kShortRun + 1);  // ids with more positions, at most
 constexpr int kTile = 32;              // sorted long-run entries per tile
 constexpr int kTileAhead = 4;          // rows a tile thread loads before adding them up
-constexpr int kRunWarps = 8;           // warps sharing one crossing run's partials
-constexpr int kRunBlocks = 128;
+constexpr int kPrefetchWaves = 2;      // waves ahead whose dout a waiting position block prefetches
 static_assert(kGroupThreads * 32 == kChunkCap, "sort_long_runs: one ballot bit per position");
 static_assert(kMaxLong <= 2 * kGroupThreads, "sort_long_runs: two long ids per thread");
 
@@ -119,14 +121,17 @@ struct Chunk {
 struct EncoderPlan {
     int Bc, Tc;              // chunk shape
     bool hopper;             // dependent launches
+    int sms;                 // multiprocessors
     int long_blocks;         // blocks of encoder_long_sort_kernel
-    long long id_count, bucket, long_ids, long_keys, long_rows, counts, owners,
+    long long id_count, bucket, long_ids, long_keys, long_rows, counts, tile_done, owners,
         partials, total;
 };
 
 // counts[kLongCount]: entries in the long-run list; counts[kOwnerCount]: crossing runs
-// registered by their tiles; counts[kLongIds]: ids with long runs (long_ids, unordered).
-constexpr int kLongCount = 0, kOwnerCount = 1, kLongIds = 2;
+// registered by their tiles; counts[kLongIds]: ids with long runs (long_ids, unordered);
+// counts[kCountDone]: count blocks that have finished. tile_done[slice]: tile blocks of that
+// channel slice that have stored their partial sums.
+constexpr int kLongCount = 0, kOwnerCount = 1, kLongIds = 2, kCountDone = 3;
 
 inline long long round_up(long long x, long long m) { return (x + m - 1) / m * m; }
 
@@ -140,6 +145,7 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
     CUDA_CHECK(op, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     EncoderPlan p{};
     p.hopper = hopper_or_later(op);
+    p.sms = sms;
     p.long_blocks = std::min(kMaxLong, sms);  // few: they wait resident for the counts
     p.Tc = std::min(T, kChunkCap);
     p.Bc = std::min({B, kMaxRows, kChunkCap / p.Tc});
@@ -156,7 +162,8 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
     p.long_ids = take(kMaxLong);
     p.long_keys = take(S);
     p.long_rows = take(S);
-    p.counts = take(3);
+    p.counts = take(4);
+    p.tile_done = take(C);  // one per channel slice, and there are at most C
     p.owners = take(ntiles);
     p.partials = take(2 * ntiles * C);
     p.total = off;
@@ -206,24 +213,40 @@ __device__ int block_exclusive_scan(int x, int identity, Op op, int* buf, int* t
 // positions before it adds them, and long_sort lists the long runs' entries in position order.
 
 // The first kernel of the op waits for whatever came before it in the stream (dout and idx may
-// be its outputs) before it lets the next ones launch: they read the inputs before waiting.
+// be its outputs) before it lets the next ones launch: they read the inputs before waiting. It
+// also resets the arrival counters that the backward kernel polls (count's, the tiles'), and
+// does so before it lets anything launch, since the backward kernel's blocks may read them
+// while count is still running.
 __global__ void __launch_bounds__(kGroupThreads)
 encoder_zero_kernel(int* __restrict__ id_count, int* __restrict__ counts,
-                    const int* __restrict__ idx, Chunk chunk, int V) {
+                    int* __restrict__ tile_done, int slices, const int* __restrict__ idx,
+                    Chunk chunk, int V) {
     pdl_wait();
+    if (blockIdx.x == 0) {
+        for (int i = threadIdx.x; i < slices; i += kGroupThreads) tile_done[i] = 0;
+        if (threadIdx.x == 0) {
+            counts[kLongIds] = 0;
+            counts[kCountDone] = 0;
+        }
+        __threadfence();
+        __syncthreads();
+    }
     pdl_launch_dependents();
     const int p = blockIdx.x * kGroupThreads + threadIdx.x;
     if (p < chunk.size()) {
         const int id = idx[chunk.base + p];
         if (id >= 0 && id < V) id_count[id] = 0;
     }
-    if (p == 0) counts[kLongIds] = 0;
 }
 
+// Each block adds one to counts[kCountDone] once its counts and buckets are stored (and fenced):
+// the backward kernel's position blocks wait for that instead of for long_sort to end.
 __global__ void __launch_bounds__(kGroupThreads)
 encoder_count_kernel(int* __restrict__ id_count, int* __restrict__ bucket,
                      int* __restrict__ long_ids, int* __restrict__ counts,
                      const int* __restrict__ idx, Chunk chunk, int V) {
+    // The backward kernel launches only once every block here has started, so its blocks that
+    // wait for counts[kCountDone] cannot keep these from running.
     pdl_launch_dependents();
     const int p = blockIdx.x * kGroupThreads + threadIdx.x;
     const int id = p < chunk.size() ? idx[chunk.base + p] : -1;
@@ -233,15 +256,45 @@ encoder_count_kernel(int* __restrict__ id_count, int* __restrict__ bucket,
     const int lane = threadIdx.x % 32;
     const unsigned peers = __match_any_sync(kFullMask, id);
     const int leader = __ffs(peers) - 1;
-    if (id < 0 || id >= V) return;  // the whole group of peers
-    int base = 0;
-    if (lane == leader) base = atomicAdd(id_count + id, __popc(peers));
-    base = __shfl_sync(peers, base, leader);
-    const int slot = base + __popc(peers & ((1u << lane) - 1u));
-    if (slot < kShortRun)
-        bucket[(long long)id * kShortRun + slot] = p;
-    else if (slot == kShortRun)  // the first arrival past the bucket lists the id, once
-        long_ids[atomicAdd(counts + kLongIds, 1)] = id;
+    if (id >= 0 && id < V) {  // the whole group of peers
+        int base = 0;
+        if (lane == leader) base = atomicAdd(id_count + id, __popc(peers));
+        base = __shfl_sync(peers, base, leader);
+        const int slot = base + __popc(peers & ((1u << lane) - 1u));
+        if (slot < kShortRun)
+            bucket[(long long)id * kShortRun + slot] = p;
+        else if (slot == kShortRun)  // the first arrival past the bucket lists the id, once
+            long_ids[atomicAdd(counts + kLongIds, 1)] = id;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();  // the block's counts and buckets before its arrival
+        atomicAdd(counts + kCountDone, 1);
+    }
+}
+
+// L2 prefetches: a bulk range (16-byte aligned, a multiple of 16 bytes; sm_90), and one line
+// marked to stay (evict_last) until it is read again.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void keep_in_l2(const void* p) {
+    asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p));
+}
+
+__device__ __forceinline__ int load_acquire(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// One thread waits until *done >= target; the rest of its block, after a barrier, then sees
+// everything the arrivals stored before them. The caller must know that the blocks it waits for
+// are running or done (a waiting block holds its place on the SM).
+__device__ __forceinline__ void wait_until(const int* done, int target) {
+    while (load_acquire(done) < target) __nanosleep(100);
 }
 
 // The tiles of the backward kernel need the entries of the long runs as one list sorted by (id,
@@ -322,14 +375,16 @@ encoder_long_sort_kernel(int* __restrict__ long_keys, int* __restrict__ long_row
 
 // One block per local position t (and channel slice); thread group y = threadIdx.y holds the
 // rows b = y * kRowsPerThread + u. dwpe first, then the short runs that end at this position.
+// A block's time is mostly waiting for memory, so its loads are issued in three rounds with
+// everything that can go together in one: dout, idx and the dwpe row; then the counts and the
+// buckets of its ids; then the dwte rows it adds to and the other rows of its runs.
 template <typename T, int VEC>
 __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __restrict__ dwpe,
                                                   const T* __restrict__ dout,
                                                   const int* __restrict__ idx,
-                                                  const int* __restrict__ id_count,
-                                                  const int* __restrict__ bucket,
-                                                  const Chunk& chunk, int t, int c, int C,
-                                                  int V) {
+                                                  const int* id_count, const int* bucket,
+                                                  const int* count_done, const Chunk& chunk,
+                                                  int t, int c, int C, int V, int wave) {
     extern __shared__ float part[];  // [kGroups][blockDim.x * VEC]: each group's dwpe share
     const int y = threadIdx.y, b0 = y * kRowsPerThread;
     const bool active = c < C;
@@ -338,6 +393,7 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
 #pragma unroll
     for (int u = 0; u < kRowsPerThread; u++) {
         const int b = b0 + u;
+        id[u] = -1;
 #pragma unroll
         for (int k = 0; k < VEC; k++) g[u][k] = 0.0f;
         if (b < chunk.Bc) {
@@ -346,6 +402,13 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
             if (active) load_vec<T, VEC>(g[u], dout + (long long)row * C + c);
         }
     }
+    T* prow = dwpe + (long long)(chunk.t0 + t) * C + c;
+    float pw[VEC];
+    if (y == 0 && active) load_vec<T, VEC>(pw, prow);
+    // Has count finished? Asked while dout is on its way (an acquire load holds back only the
+    // loads after it, and those need dout anyway). Only the first blocks find it has not.
+    const int count_blocks = (chunk.size() + kGroupThreads - 1) / kGroupThreads;
+    const int arrived = load_acquire(count_done);
     float sum[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; k++) sum[k] = 0.0f;
@@ -358,11 +421,8 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
     float* mine = part + (y * blockDim.x + threadIdx.x) * VEC;
 #pragma unroll
     for (int k = 0; k < VEC; k++) mine[k] = sum[k];
-    __syncthreads();
+    const bool counted = __syncthreads_and(arrived >= count_blocks);
     if (y == 0 && active) {  // the groups' shares in group order
-        T* prow = dwpe + (long long)(chunk.t0 + t) * C + c;
-        float pw[VEC];
-        load_vec<T, VEC>(pw, prow);
         for (int y2 = 1; y2 < kGroups && y2 * kRowsPerThread < chunk.Bc; y2++) {
             const float* other = part + (y2 * blockDim.x + threadIdx.x) * VEC;
 #pragma unroll
@@ -372,45 +432,83 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
         for (int k = 0; k < VEC; k++) pw[k] += sum[k];
         store_vec<T, VEC>(prow, pw);
     }
+    if (!counted) {  // count's blocks are running: the grid launched after all of them started
+        // Meanwhile, bring to L2 this block's dwte rows and the dout rows of the blocks that
+        // will take its place in the next waves, so that the wait moves bytes too.
+        if (VEC * sizeof(T) == 16) {
+            const int c0 = blockIdx.y * blockDim.x * VEC;
+            const int bytes = min((int)blockDim.x * VEC, C - c0) * (int)sizeof(T);
+            if (threadIdx.x == 0) {
+#pragma unroll
+                for (int u = 0; u < kRowsPerThread; u++)
+                    if (id[u] >= 0 && id[u] < V)
+                        prefetch_l2_bulk(dwte + (long long)id[u] * C + c0, bytes);
+            }
+            const int lin = y * blockDim.x + threadIdx.x;
+            if (lin < kPrefetchWaves * kMaxRows) {
+                const int b = lin % kMaxRows;
+                const long long L = blockIdx.x + (long long)blockIdx.y * gridDim.x +
+                                    (long long)(1 + lin / kMaxRows) * wave;
+                const int tx = (int)(L % gridDim.x), ty = (int)(L / gridDim.x);
+                const int c1 = ty * blockDim.x * VEC;
+                if (ty < (int)gridDim.y && tx < chunk.Tc && b < chunk.Bc)
+                    prefetch_l2_bulk(dout + (long long)(chunk.base + b * chunk.Tc + tx) * C + c1,
+                                     min((int)blockDim.x * VEC, C - c1) * (int)sizeof(T));
+            }
+        }
+        if (y == 0 && threadIdx.x == 0) wait_until(count_done, count_blocks);
+        __syncthreads();
+    }
 
-    pdl_wait();  // the counts and buckets
     // Short runs: the block holding a run's last position adds the run, in position order. The
-    // bucket lists the run's positions in arrival order (lane j reads the j-th); each warp ranks
-    // them into its own `order` rows. Every dwte row written here belongs to one run, and no
-    // other block writes it, so all the rows' loads go before the stores. The values are the
-    // same for every thread of a group, so its warps stay converged.
+    // bucket lists the run's positions in arrival order (lane j reads the j-th, read before the
+    // count says how many are real); each warp ranks them into its own `order` rows. Every dwte
+    // row written here belongs to one run, and no other block writes it, so all the rows' loads
+    // go before the stores. The values are the same for every thread of a group, so its warps
+    // stay converged. Counts and buckets come from L2 (__ldcg): count wrote them during this grid.
     __shared__ int order[kGroups * 64 / 32][kRowsPerThread][kShortRun];
     const int lane = threadIdx.x % 32;
     int (*ord)[kShortRun] = order[(y * blockDim.x + threadIdx.x) / 32];
+    int n[kRowsPerThread], pos[kRowsPerThread];
+    float w[kRowsPerThread][VEC];
+#pragma unroll
+    for (int u = 0; u < kRowsPerThread; u++) {
+        const bool valid = id[u] >= 0 && id[u] < V;
+        n[u] = valid ? __ldcg(id_count + id[u]) : 0;
+        pos[u] = valid && lane < kShortRun ? __ldcg(bucket + (long long)id[u] * kShortRun + lane)
+                                           : -1;
+    }
     unsigned others = 0;  // 5 bits per row: 1 + the other positions of its run; 0: not added here
 #pragma unroll
     for (int u = 0; u < kRowsPerThread; u++) {
-        if (b0 + u >= chunk.Bc || id[u] < 0 || id[u] >= V) continue;
-        const int n = id_count[id[u]];
-        if (n == 1) others |= 1u << (5 * u);
-        if (n < 2 || n > kShortRun) continue;  // a long run: the tiles add it
-        const int pos = lane < n ? bucket[(long long)id[u] * kShortRun + lane] : -1;
-        if (__reduce_max_sync(kFullMask, pos) != (b0 + u) * chunk.Tc + t) continue;
+        if (n[u] == 1) others |= 1u << (5 * u);
+        if (n[u] < 2 || n[u] > kShortRun) continue;  // a long run: the tiles add it
+        const int p = lane < n[u] ? pos[u] : -1;
+        if (__reduce_max_sync(kFullMask, p) != (b0 + u) * chunk.Tc + t) {
+            // the run's last position will read this row again: keep it in L2 till then
+            const long long row = chunk.base + (b0 + u) * chunk.Tc + t;
+            if (active) keep_in_l2(dout + row * C + c);
+            continue;
+        }
         int rank = 0;  // the positions are distinct
-        for (int i = 0; i < n; i++) rank += __shfl_sync(kFullMask, pos, i) < pos;
-        if (lane < n) ord[u][rank] = pos;
-        others |= (unsigned)n << (5 * u);
+        for (int i = 0; i < n[u]; i++) rank += __shfl_sync(kFullMask, p, i) < p;
+        if (lane < n[u]) ord[u][rank] = p;
+        others |= (unsigned)n[u] << (5 * u);
     }
     __syncwarp();
-    float w[kRowsPerThread][VEC];
 #pragma unroll
     for (int u = 0; u < kRowsPerThread; u++)
         if (active && (others >> (5 * u) & 31u))
             load_vec<T, VEC>(w[u], dwte + (long long)id[u] * C + c);
 #pragma unroll
     for (int u = 0; u < kRowsPerThread; u++) {
-        const int n = others >> (5 * u) & 31u;
-        if (n == 0 || !active) continue;
+        const int m = others >> (5 * u) & 31u;
+        if (m == 0 || !active) continue;
         float acc[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; k++) acc[k] = 0.0f;
 #pragma unroll 4
-        for (int j = 0; j < n - 1; j++) {  // the others; rank n-1 is this position
+        for (int j = 0; j < m - 1; j++) {  // the others; rank m-1 is this position
             float h[VEC];
             load_vec<T, VEC>(h, dout + (long long)(chunk.base + ord[u][j]) * C + c);
 #pragma unroll
@@ -424,7 +522,7 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
 
 // One tile per thread group y. Partial slots: 2*tile holds the tile's share of a run that began
 // in an earlier tile ("head"), 2*tile+1 the share of a run that begins here and goes on into the
-// next tile ("tail"); the tile that holds a run's tail registers as its owner for run_sum.
+// next tile ("tail"); the tile that holds a run's tail registers as the run's owner.
 template <typename T, int VEC>
 __device__ __forceinline__ void backward_long_tile(T* __restrict__ dwte, float* __restrict__ partials,
                                                    int* __restrict__ owners, int* __restrict__ counts,
@@ -490,32 +588,6 @@ __device__ __forceinline__ void backward_long_tile(T* __restrict__ dwte, float* 
     }
 }
 
-// blockIdx.x < Tc: a position; above: kGroups tiles of the long-run list (usually empty).
-// blockIdx.y: a slice of blockDim.x * VEC channels.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kGroups * 64, 4)
-encoder_backward_kernel(T* __restrict__ dwte, T* __restrict__ dwpe,
-                                        int* __restrict__ s, EncoderPlan p,
-                                        const T* __restrict__ dout, const int* __restrict__ idx,
-                                        Chunk chunk, int C, int V) {
-    // run_sum may launch once every block here has started (its blocks then wait for this grid
-    // to finish), so its launch overlaps the last wave instead of following it
-    pdl_launch_dependents();
-    const int c = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
-    if ((int)blockIdx.x < chunk.Tc) {
-        backward_position<T, VEC>(dwte, dwpe, dout, idx, s + p.id_count, s + p.bucket, chunk,
-                                  blockIdx.x, c, C, V);
-        return;
-    }
-    pdl_wait();
-    const int M = s[p.counts + kLongCount];
-    const int tile0 = (blockIdx.x - chunk.Tc) * kGroups;
-    if (tile0 * kTile >= M) return;  // the whole block: no tile here
-    backward_long_tile<T, VEC>(dwte, reinterpret_cast<float*>(s + p.partials), s + p.owners,
-                               s + p.counts, dout, s + p.long_keys, s + p.long_rows, M,
-                               tile0 + threadIdx.y, c, C);
-}
-
 // ---- backward, 3: crossing runs ------------------------------------------------------------
 
 // First index after k whose key differs from keys[k] (keys ascend over [0, M)); warp-cooperative:
@@ -538,27 +610,26 @@ __device__ int run_end(const int* keys, int M, int k, int lane) {
     return hi;
 }
 
-// One block per owner (grid-stride; blockIdx.y: a slice of 32*VEC channels). The run's partial
-// slots (tail of the owner tile, heads of the following tiles) are split into kRunWarps
-// contiguous ranges, one per warp, and the warp sums are added in warp order: fixed order.
+// A crossing run's partial slots (the owner tile's tail, then the heads of the tiles after it)
+// are split into kGroups contiguous ranges, one per thread group, and the groups' sums are added
+// in group order: a fixed order. Runs are taken in turn by the run blocks of the slice.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kRunWarps * 32)
-encoder_run_sum_kernel(T* __restrict__ dwte, const int* __restrict__ s, EncoderPlan p, int C) {
-    __shared__ float red[kRunWarps][32 * VEC];
-    pdl_wait();
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int c = (blockIdx.y * 32 + lane) * VEC;
+__device__ __forceinline__ void backward_crossing_runs(T* __restrict__ dwte, const int* s,
+                                                       const EncoderPlan& p, int block,
+                                                       int nblocks, int c, int C) {
+    extern __shared__ float red[];  // [kGroups][blockDim.x * VEC]
+    const int lane = threadIdx.x % 32, y = threadIdx.y;
     const int* keys = s + p.long_keys;
     const int M = s[p.counts + kLongCount];
-    const int count = s[p.counts + kOwnerCount];
+    const int count = __ldcg(s + p.counts + kOwnerCount);  // (L2: the tiles wrote it)
     const float* partials = reinterpret_cast<const float*>(s + p.partials);
-    for (int o = blockIdx.x; o < count; o += gridDim.x) {
-        const int tile = s[p.owners + o];
+    for (int o = block; o < count; o += nblocks) {
+        const int tile = __ldcg(s + p.owners + o);
         const int k_last = (tile + 1) * kTile - 1;  // an owner tile is full: its run goes on
         const int end = run_end(keys, M, k_last, lane);
         const int nslots = (end - 1) / kTile - tile + 1;
-        const int s0 = (int)((long long)warp * nslots / kRunWarps);
-        const int s1 = (int)((long long)(warp + 1) * nslots / kRunWarps);
+        const int s0 = (int)((long long)y * nslots / kGroups);
+        const int s1 = (int)((long long)(y + 1) * nslots / kGroups);
         float sum[VEC];
 #pragma unroll
         for (int k = 0; k < VEC; k++) sum[k] = 0.0f;
@@ -572,36 +643,90 @@ encoder_run_sum_kernel(T* __restrict__ dwte, const int* __restrict__ s, EncoderP
                 for (int k = 0; k < VEC; k++) sum[k] += v[k];
             }
         }
+        float* mine = red + (y * blockDim.x + threadIdx.x) * VEC;
 #pragma unroll
-        for (int k = 0; k < VEC; k++) red[warp][lane * VEC + k] = sum[k];
+        for (int k = 0; k < VEC; k++) mine[k] = sum[k];
         __syncthreads();
-        if (warp == 0 && c < C) {
+        if (y == 0 && c < C) {
             T* row = dwte + (long long)keys[k_last] * C + c;
             float r[VEC];
             load_vec<T, VEC>(r, row);
-            float tot[VEC];
+            for (int y2 = 1; y2 < kGroups; y2++) {
+                const float* other = red + (y2 * blockDim.x + threadIdx.x) * VEC;
 #pragma unroll
-            for (int k = 0; k < VEC; k++) tot[k] = sum[k];
-            for (int w2 = 1; w2 < kRunWarps; w2++) {
-#pragma unroll
-                for (int k = 0; k < VEC; k++) tot[k] += red[w2][lane * VEC + k];
+                for (int k = 0; k < VEC; k++) sum[k] += other[k];
             }
 #pragma unroll
-            for (int k = 0; k < VEC; k++) r[k] += tot[k];
+            for (int k = 0; k < VEC; k++) r[k] += sum[k];
             store_vec<T, VEC>(row, r);
         }
-        __syncthreads();  // red is reused by the next owner
+        __syncthreads();  // red is reused by the next run
     }
 }
 
+// blockIdx.x < Tc: a position. Then tile_blocks blocks of kGroups tiles of the long-run list,
+// then run_blocks blocks that add up the runs crossing tiles (both usually idle).
+// blockIdx.y: a slice of blockDim.x * VEC channels.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kGroups * 64, 4)
+encoder_backward_kernel(T* __restrict__ dwte, T* __restrict__ dwpe,
+                                        int* __restrict__ s, EncoderPlan p,
+                                        const T* __restrict__ dout, const int* __restrict__ idx,
+                                        Chunk chunk, int tile_blocks, int C, int V) {
+    const int c = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
+    const int bx = blockIdx.x;
+    if (bx < chunk.Tc) {
+        backward_position<T, VEC>(dwte, dwpe, dout, idx, s + p.id_count, s + p.bucket,
+                                  s + p.counts + kCountDone, chunk, bx, c, C, V, 4 * p.sms);
+        return;
+    }
+    pdl_wait();  // long_sort's list
+    const int M = s[p.counts + kLongCount];
+    int* tile_done = s + p.tile_done + blockIdx.y;
+    const int busy_tile_blocks = (M + kTile * kGroups - 1) / (kTile * kGroups);  // with a tile
+    if (bx < chunk.Tc + tile_blocks) {
+        const int tile0 = (bx - chunk.Tc) * kGroups;
+        if (tile0 * kTile >= M) return;  // the whole block: no tile here
+        backward_long_tile<T, VEC>(dwte, reinterpret_cast<float*>(s + p.partials), s + p.owners,
+                                   s + p.counts, dout, s + p.long_keys, s + p.long_rows, M,
+                                   tile0 + threadIdx.y, c, C);
+        __syncthreads();
+        if (threadIdx.x == 0 && threadIdx.y == 0) {
+            __threadfence();  // the block's partials and owners before its arrival
+            atomicAdd(tile_done, 1);
+        }
+        return;
+    }
+    if (M <= kTile) return;  // no run crosses a tile
+    // A run block waits for the slice's tile blocks. At most one run block per SM is launched
+    // (on average), so the tile blocks always find room even if blocks start out of order.
+    if (threadIdx.x == 0 && threadIdx.y == 0) wait_until(tile_done, busy_tile_blocks);
+    __syncthreads();
+    const int run_blocks = gridDim.x - chunk.Tc - tile_blocks;
+    backward_crossing_runs<T, VEC>(dwte, s, p, bx - chunk.Tc - tile_blocks, run_blocks, c, C);
+}
+
+// The backward kernel's block: blockDim.x threads across a slice of the row (64 when the row has
+// that many vectors), kGroups groups of rows; small blocks, several per SM.
+struct Slicing {
+    int threads, slices;
+};
+inline Slicing slicing(int C, int vec) {
+    const int cv = C / vec;  // vectors per row
+    const int threads = std::min(64, (cv + 31) / 32 * 32);
+    const int slices = ceil_div(cv, threads);
+    if (slices > 65535) throw std::invalid_argument("encoder_backward: C too large for the grid");
+    return {threads, slices};
+}
+
 void launch_group(const EncoderPlan& p, const Chunk& chunk, int* s, const int* ids, int V,
-                  cudaStream_t st) {
+                  int slices, cudaStream_t st) {
     const char* op = "encoder_backward";
     const int blocks = ceil_div(chunk.size(), kGroupThreads);
     const dim3 threads(kGroupThreads);
     const int* cs = s;
     launch_ex(op, encoder_zero_kernel, dim3(blocks), threads, 0, st, 1, p.hopper, s + p.id_count,
-              s + p.counts, ids, chunk, V);
+              s + p.counts, s + p.tile_done, slices, ids, chunk, V);
     launch_ex(op, encoder_count_kernel, dim3(blocks), threads, 0, st, 1, p.hopper,
               s + p.id_count, s + p.bucket, s + p.long_ids, s + p.counts, ids, chunk, V);
     set_smem(op, encoder_long_sort_kernel, kChunkCap * sizeof(int));
@@ -614,22 +739,15 @@ void launch_group(const EncoderPlan& p, const Chunk& chunk, int* s, const int* i
 template <typename T, int VEC>
 void launch_backward(T* dwte, T* dwpe, int* s, const EncoderPlan& p, const Chunk& chunk,
                      const T* dout, const int* idx, int C, int V, cudaStream_t st) {
-    const char* op = "encoder_backward";
-    const int cv = C / VEC;  // vectors per row
-    // 64 threads across the row (a slice of it) times kGroups: small blocks, several per SM
-    const int threads = std::min(64, (cv + 31) / 32 * 32);
-    const int slices = ceil_div(cv, threads);
-    const int run_slices = ceil_div(cv, 32);
-    if (slices > 65535 || run_slices > 65535)
-        throw std::invalid_argument("encoder_backward: C too large for the grid");
-    const int tile_blocks = ceil_div(ceil_div(chunk.size(), kTile), kGroups);
-    const size_t smem = sizeof(float) * kGroups * threads * VEC;
-    launch_ex(op, encoder_backward_kernel<T, VEC>, dim3(chunk.Tc + tile_blocks, slices),
-              dim3(threads, kGroups), smem, st, 1, p.hopper, dwte, dwpe, s, p, dout, idx, chunk, C,
-              V);
-    launch_ex(op, encoder_run_sum_kernel<T, VEC>,
-              dim3(std::min(ceil_div(chunk.size(), kTile), kRunBlocks), run_slices),
-              dim3(kRunWarps * 32), 0, st, 1, p.hopper, dwte, s, p, C);
+    const Slicing sl = slicing(C, VEC);
+    const int tiles = ceil_div(chunk.size(), kTile);
+    const int tile_blocks = ceil_div(tiles, kGroups);
+    // about one run block per SM in all (they wait for the tiles), and no more than the runs
+    const int run_blocks = std::max(1, std::min(ceil_div(tiles, 2), p.sms / sl.slices));
+    const size_t smem = sizeof(float) * kGroups * sl.threads * VEC;
+    launch_ex("encoder_backward", encoder_backward_kernel<T, VEC>,
+              dim3(chunk.Tc + tile_blocks + run_blocks, sl.slices), dim3(sl.threads, kGroups),
+              smem, st, 1, p.hopper, dwte, dwpe, s, p, dout, idx, chunk, tile_blocks, C, V);
 }
 
 }  // namespace
@@ -683,7 +801,7 @@ void encoder_backward(uintptr_t dwte, uintptr_t dwpe, uintptr_t scratch, uintptr
         for (int b0 = 0; b0 < B; b0 += p.Bc) {
             for (int t0 = 0; t0 < T; t0 += p.Tc) {
                 const Chunk chunk{b0 * T + t0, t0, std::min(p.Bc, B - b0), std::min(p.Tc, T - t0)};
-                launch_group(p, chunk, s, ids, V, st);
+                launch_group(p, chunk, s, ids, V, slicing(C, vec ? kVec : 1).slices, st);
                 check_launch(op);
                 if (vec)
                     launch_backward<scalar_t, kVec>(as_ptr<scalar_t>(dwte), as_ptr<scalar_t>(dwpe),
