@@ -470,7 +470,6 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
     const int lane = threadIdx.x % 32;
     int (*ord)[kShortRun] = order[(y * blockDim.x + threadIdx.x) / 32];
     int n[kRowsPerThread], pos[kRowsPerThread];
-    float w[kRowsPerThread][VEC];
 #pragma unroll
     for (int u = 0; u < kRowsPerThread; u++) {
         const bool valid = id[u] >= 0 && id[u] < V;
@@ -496,6 +495,7 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
         others |= (unsigned)n[u] << (5 * u);
     }
     __syncwarp();
+    float w[kRowsPerThread][VEC];
 #pragma unroll
     for (int u = 0; u < kRowsPerThread; u++)
         if (active && (others >> (5 * u) & 31u))
