@@ -528,18 +528,23 @@ def test_gradient_accumulation_matches_a_bigger_batch(numpy_backend, corpus, tmp
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
+def run_and_resume(common, tmp_path, steps, stop):
+    """Logs of a run of `steps` steps (tmp_path/full) and of a run stopped after `stop` steps
+    (tmp_path/part) then resumed from its checkpoint to `steps`: everything else comes from the
+    checkpoint, and the resumed run appends to the stopped run's log."""
+    full_log, part_log = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    r = invoke(common + ["--steps", str(steps), "--log", full_log, "--out", tmp_path / "full"])
+    assert r.exit_code == 0, r.output
+    r = invoke(common + ["--steps", str(stop), "--log", part_log, "--out", tmp_path / "part"])
+    assert r.exit_code == 0, r.output
+    r = invoke(["--resume", tmp_path / "part", "--steps", str(steps), "--log-every", "0"])
+    assert r.exit_code == 0, r.output
+    return read_log(full_log), read_log(part_log)
+
 def test_resume_continues_with_the_uninterrupted_losses(numpy_backend, corpus, tmp_path):
     common = ["--data", corpus, *TINY, "--eval-every", "4", "--log-every", "0",
               "--lr-decay-steps", "10"]
-    full_log, part_log = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
-    r = invoke(common + ["--steps", "10", "--log", full_log, "--out", tmp_path / "full"])
-    assert r.exit_code == 0, r.output
-    r = invoke(common + ["--steps", "6", "--log", part_log, "--out", tmp_path / "part"])
-    assert r.exit_code == 0, r.output
-    # everything else comes from the checkpoint; the log is appended to
-    r = invoke(["--resume", tmp_path / "part", "--steps", "10", "--log-every", "0"])
-    assert r.exit_code == 0, r.output
-    full, part = read_log(full_log), read_log(part_log)
+    full, part = run_and_resume(common, tmp_path, steps=10, stop=6)
     assert [x["step"] for x in part] == list(range(1, 11))
     for a, b in zip(full, part):
         assert (a["step"], a["loss"], a["lr"], a["grad_norm"]) == \
@@ -892,14 +897,7 @@ def test_resume_with_dropout_continues_with_the_uninterrupted_losses(dropout_bac
                                                                      tmp_path):
     common = ["--data", corpus, *TINY, "--eval-every", "4", "--log-every", "0",
               "--lr-decay-steps", "8", "--dropout", "0.2", "--grad-accum", "2"]
-    full_log, part_log = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
-    r = invoke(common + ["--steps", "8", "--log", full_log, "--out", tmp_path / "full"])
-    assert r.exit_code == 0, r.output
-    r = invoke(common + ["--steps", "5", "--log", part_log, "--out", tmp_path / "part"])
-    assert r.exit_code == 0, r.output
-    r = invoke(["--resume", tmp_path / "part", "--steps", "8", "--log-every", "0"])
-    assert r.exit_code == 0, r.output
-    full, part = read_log(full_log), read_log(part_log)
+    full, part = run_and_resume(common, tmp_path, steps=8, stop=5)
     assert [x["step"] for x in part] == list(range(1, 9))
     for a, b in zip(full, part):
         assert (a["step"], a["loss"], a["grad_norm"]) == (b["step"], b["loss"], b["grad_norm"])
