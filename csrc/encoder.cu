@@ -371,6 +371,17 @@ encoder_long_sort_kernel(int* __restrict__ long_keys, int* __restrict__ long_row
                    gridDim.x);
 }
 
+// Adds to sum the shares of thread groups 1..groups-1 (shared memory, [group][blockDim.x * VEC]),
+// in group order: the fixed order that keeps the result the same bits on every run.
+template <int VEC>
+__device__ __forceinline__ void add_group_shares(float (&sum)[VEC], const float* shares, int groups) {
+    for (int y2 = 1; y2 < groups; y2++) {
+        const float* other = shares + (y2 * blockDim.x + threadIdx.x) * VEC;
+#pragma unroll
+        for (int k = 0; k < VEC; k++) sum[k] += other[k];
+    }
+}
+
 // ---- backward, 2: dwpe and short runs by position, long runs by tile ---------------------------
 
 // One block per local position t (and channel slice); thread group y = threadIdx.y holds the
@@ -422,12 +433,9 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
 #pragma unroll
     for (int k = 0; k < VEC; k++) mine[k] = sum[k];
     const bool counted = __syncthreads_and(arrived >= count_blocks);
-    if (y == 0 && active) {  // the groups' shares in group order
-        for (int y2 = 1; y2 < kGroups && y2 * kRowsPerThread < chunk.Bc; y2++) {
-            const float* other = part + (y2 * blockDim.x + threadIdx.x) * VEC;
-#pragma unroll
-            for (int k = 0; k < VEC; k++) sum[k] += other[k];
-        }
+    if (y == 0 && active) {  // the groups holding rows, in group order
+        add_group_shares<VEC>(sum, part,
+                              min(kGroups, (chunk.Bc + kRowsPerThread - 1) / kRowsPerThread));
 #pragma unroll
         for (int k = 0; k < VEC; k++) pw[k] += sum[k];
         store_vec<T, VEC>(prow, pw);
@@ -651,11 +659,7 @@ __device__ __forceinline__ void backward_crossing_runs(T* __restrict__ dwte, con
             T* row = dwte + (long long)keys[k_last] * C + c;
             float r[VEC];
             load_vec<T, VEC>(r, row);
-            for (int y2 = 1; y2 < kGroups; y2++) {
-                const float* other = red + (y2 * blockDim.x + threadIdx.x) * VEC;
-#pragma unroll
-                for (int k = 0; k < VEC; k++) sum[k] += other[k];
-            }
+            add_group_shares<VEC>(sum, red, kGroups);
 #pragma unroll
             for (int k = 0; k < VEC; k++) r[k] += sum[k];
             store_vec<T, VEC>(row, r);
