@@ -34,21 +34,6 @@ __device__ __forceinline__ float sum_sq4(float4 a) {
     return fmaf(a.x, a.x, fmaf(a.y, a.y, fmaf(a.z, a.z, a.w * a.w)));
 }
 
-__device__ __forceinline__ double warp_sum_d(double x) {
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
-}
-// Fixed-order block sum in double (block_sum in common.cuh is the float version).
-__device__ inline double block_sum_d(double x, double* scratch) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-    x = warp_sum_d(x);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = x;
-    __syncthreads();
-    x = lane < nwarps ? scratch[lane] : 0.0;
-    return warp_sum_d(x);
-}
-
 // ---- global norm ---------------------------------------------------------------------------
 // Stage 1: a grid that depends on n alone (not on the GPU) so the partition into partial sums,
 // and with it every bit of the result, is the same on every run and every device. Block b,
@@ -93,7 +78,7 @@ global_norm_partials_kernel(double* __restrict__ partials, const float* __restri
         if (t < head) acc += static_cast<double>(g[t] * g[t]);
         if (tail < n) acc += static_cast<double>(g[tail] * g[tail]);
     }
-    acc = block_sum_d(acc, red);
+    acc = block_sum(acc, red);
     if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
@@ -102,7 +87,7 @@ global_norm_final_kernel(float* __restrict__ out, const double* __restrict__ par
     __shared__ double red[32];
     double acc = 0.0;
     for (int i = threadIdx.x; i < count; i += NORM_FINAL_THREADS) acc += partials[i];
-    acc = block_sum_d(acc, red);
+    acc = block_sum(acc, red);
     if (threadIdx.x == 0) out[0] = static_cast<float>(acc);
 }
 

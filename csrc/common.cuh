@@ -185,7 +185,8 @@ __device__ __forceinline__ void store_vec(T* dst, const float (&src)[VEC]) {
     } while (0)
 
 // ---- reductions ----------------------------------------------------------------------------
-__device__ __forceinline__ float warp_sum(float x) {
+template <typename T>  // float or double
+__device__ __forceinline__ T warp_sum(T x) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;
 }
@@ -194,24 +195,23 @@ __device__ __forceinline__ float warp_max(float x) {
     return x;
 }
 
-// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the
-// result. `scratch` is 32 floats of shared memory. The order of additions is fixed, so the
-// result is the same bits on every run.
-__device__ inline float block_sum(float x, float* scratch) {
+// Reduction over the whole block (blockDim.x a multiple of 32, at most 1024) by a warp
+// reduction applied twice (lanes, then warps); every thread gets the result. `scratch` is 32
+// elements of shared memory. The order is fixed, so the result is the same bits on every run.
+template <typename T, typename WarpReduce>
+__device__ inline T block_reduce(T x, T* scratch, T identity, WarpReduce warp_reduce) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-    x = warp_sum(x);
+    x = warp_reduce(x);
     __syncthreads();  // scratch may still be read by a previous call
     if (lane == 0) scratch[warp] = x;
     __syncthreads();
-    x = lane < nwarps ? scratch[lane] : 0.0f;
-    return warp_sum(x);
+    x = lane < nwarps ? scratch[lane] : identity;
+    return warp_reduce(x);
+}
+template <typename T>
+__device__ inline T block_sum(T x, T* scratch) {
+    return block_reduce(x, scratch, T(0), [](T v) { return warp_sum(v); });
 }
 __device__ inline float block_max(float x, float* scratch) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-    x = warp_max(x);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = x;
-    __syncthreads();
-    x = lane < nwarps ? scratch[lane] : -INFINITY;
-    return warp_max(x);
+    return block_reduce(x, scratch, -INFINITY, [](float v) { return warp_max(v); });
 }
