@@ -238,6 +238,32 @@ __device__ __forceinline__ void mma_abt(float (&acc)[NJ][4], const float* a_rows
     }
 }
 
+// Stores a warp's D output columns of rows r0 and r0 + 8 (elements 0,1 and 2,3 of its D/8
+// accumulator tiles; this thread's columns are 32q + 8t .. 32q + 8t + 7), row r0 times s0 and row
+// r0 + 8 times s1; rows at or past T are skipped.
+template <int D>
+__device__ __forceinline__ void store_rows(float* base, int ld, int r0, int T, int t,
+                                           const float (&acc)[D / 8][4], float s0, float s1) {
+#pragma unroll
+    for (int q = 0; q < D / 32; ++q) {
+        const int col = 32 * q + 8 * t;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = r0 + 8 * h;
+            const float s = h ? s1 : s0;
+            if (r < T) {
+                float* p = base + r * ld + col;
+                *reinterpret_cast<float4*>(p) =
+                    make_float4(acc[4 * q][2 * h] * s, acc[4 * q + 1][2 * h] * s,
+                                acc[4 * q + 2][2 * h] * s, acc[4 * q + 3][2 * h] * s);
+                *reinterpret_cast<float4*>(p + 4) =
+                    make_float4(acc[4 * q][2 * h + 1] * s, acc[4 * q + 1][2 * h + 1] * s,
+                                acc[4 * q + 2][2 * h + 1] * s, acc[4 * q + 3][2 * h + 1] * s);
+            }
+        }
+    }
+}
+
 // ---- dropout masks (see the opening comment) -------------------------------------------------
 
 // What the DROP = true kernels need; built once per launch on the host from p.
@@ -390,7 +416,7 @@ __global__ void __launch_bounds__(kThreads, (FwdCfg<D, BC>::min_blocks))
                              const scalar_t* __restrict__ qkv, int T, int H, float c,
                              DropArgs dr) {
     static_assert(std::is_same<scalar_t, float>::value, "only the fp32 (TF32 MMA) path exists");
-    constexpr int BR = kRows, KS = D / 8, NJ = BC / 8, NQ = D / 32;
+    constexpr int BR = kRows, KS = D / 8, NJ = BC / 8;
     extern __shared__ __align__(16) float smem[];
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -545,25 +571,7 @@ __global__ void __launch_bounds__(kThreads, (FwdCfg<D, BC>::min_blocks))
         inv0 *= dr.scale;
         inv1 *= dr.scale;
     }
-    float* obase = out + static_cast<long long>(b) * T * C + h * D;
-#pragma unroll
-    for (int q = 0; q < NQ; ++q) {
-        const int col = 32 * q + 8 * t;
-        if (r0 < T) {
-            float* p = obase + r0 * C + col;
-            *reinterpret_cast<float4*>(p) = make_float4(o[4 * q][0] * inv0, o[4 * q + 1][0] * inv0,
-                                                        o[4 * q + 2][0] * inv0, o[4 * q + 3][0] * inv0);
-            *reinterpret_cast<float4*>(p + 4) = make_float4(
-                o[4 * q][1] * inv0, o[4 * q + 1][1] * inv0, o[4 * q + 2][1] * inv0, o[4 * q + 3][1] * inv0);
-        }
-        if (r1 < T) {
-            float* p = obase + r1 * C + col;
-            *reinterpret_cast<float4*>(p) = make_float4(o[4 * q][2] * inv1, o[4 * q + 1][2] * inv1,
-                                                        o[4 * q + 2][2] * inv1, o[4 * q + 3][2] * inv1);
-            *reinterpret_cast<float4*>(p + 4) = make_float4(
-                o[4 * q][3] * inv1, o[4 * q + 1][3] * inv1, o[4 * q + 2][3] * inv1, o[4 * q + 3][3] * inv1);
-        }
-    }
+    store_rows<D>(out + static_cast<long long>(b) * T * C + h * D, C, r0, T, t, o, inv0, inv1);
     if (t == 0) {
         // lse = log(sum_j exp(s q.k_j)) = (c m + log2 l) ln 2 with c = s log2(e)
         float* lrow = lse + static_cast<long long>(bh) * T;
@@ -624,7 +632,7 @@ __global__ void __launch_bounds__(kThreads, (DkdvCfg<D, BRQ>::min_blocks))
                                    int T, int H, float c, float scale, DropArgs dr) {
     static_assert(std::is_same<scalar_t, float>::value, "only the fp32 (TF32 MMA) path exists");
     using Cfg = DkdvCfg<D, BRQ>;
-    constexpr int BC = kRows, NJ = BRQ / 8, NQ = D / 32;
+    constexpr int BC = kRows, NJ = BRQ / 8;
     extern __shared__ __align__(16) float smem[];
     float* Ks = smem;
     float* Vs = smem + BC * D;
@@ -770,32 +778,8 @@ __global__ void __launch_bounds__(kThreads, (DkdvCfg<D, BRQ>::min_blocks))
         }
     }
     float* dkbase = dqkv + static_cast<long long>(b) * T * ld + C + h * D;
-    float* dvbase = dkbase + C;
-    const int key0 = kw0 + g, key1 = key0 + 8;
-#pragma unroll
-    for (int q = 0; q < NQ; ++q) {
-        const int col = 32 * q + 8 * t;
-        if (key0 < T) {
-            float* pk = dkbase + key0 * ld + col;
-            float* pv = dvbase + key0 * ld + col;
-            *reinterpret_cast<float4*>(pk) = make_float4(dk[4 * q][0] * scale, dk[4 * q + 1][0] * scale,
-                                                         dk[4 * q + 2][0] * scale, dk[4 * q + 3][0] * scale);
-            *reinterpret_cast<float4*>(pk + 4) = make_float4(dk[4 * q][1] * scale, dk[4 * q + 1][1] * scale,
-                                                             dk[4 * q + 2][1] * scale, dk[4 * q + 3][1] * scale);
-            *reinterpret_cast<float4*>(pv) = make_float4(dv[4 * q][0], dv[4 * q + 1][0], dv[4 * q + 2][0], dv[4 * q + 3][0]);
-            *reinterpret_cast<float4*>(pv + 4) = make_float4(dv[4 * q][1], dv[4 * q + 1][1], dv[4 * q + 2][1], dv[4 * q + 3][1]);
-        }
-        if (key1 < T) {
-            float* pk = dkbase + key1 * ld + col;
-            float* pv = dvbase + key1 * ld + col;
-            *reinterpret_cast<float4*>(pk) = make_float4(dk[4 * q][2] * scale, dk[4 * q + 1][2] * scale,
-                                                         dk[4 * q + 2][2] * scale, dk[4 * q + 3][2] * scale);
-            *reinterpret_cast<float4*>(pk + 4) = make_float4(dk[4 * q][3] * scale, dk[4 * q + 1][3] * scale,
-                                                             dk[4 * q + 2][3] * scale, dk[4 * q + 3][3] * scale);
-            *reinterpret_cast<float4*>(pv) = make_float4(dv[4 * q][2], dv[4 * q + 1][2], dv[4 * q + 2][2], dv[4 * q + 3][2]);
-            *reinterpret_cast<float4*>(pv + 4) = make_float4(dv[4 * q][3], dv[4 * q + 1][3], dv[4 * q + 2][3], dv[4 * q + 3][3]);
-        }
-    }
+    store_rows<D>(dkbase, ld, kw0 + g, T, t, dk, scale, scale);
+    store_rows<D>(dkbase + C, ld, kw0 + g, T, t, dv, 1.f, 1.f);
 }
 
 // ---- backward 3: dq per query tile -----------------------------------------------------------
@@ -816,7 +800,7 @@ __global__ void __launch_bounds__(kThreads, (DqCfg<D, BC>::min_blocks))
                                  float scale, DropArgs dr) {
     static_assert(std::is_same<scalar_t, float>::value, "only the fp32 (TF32 MMA) path exists");
     using Cfg = DqCfg<D, BC>;
-    constexpr int BR = kRows, NJ = BC / 8, NQ = D / 32;
+    constexpr int BR = kRows, NJ = BC / 8;
     extern __shared__ __align__(16) float smem[];
     float* Qs = smem;
     float* dOs = smem + BR * D;
@@ -934,25 +918,7 @@ __global__ void __launch_bounds__(kThreads, (DqCfg<D, BC>::min_blocks))
     }
 
     if (!warp_active) return;
-    float* dqbase = dqkv + static_cast<long long>(b) * T * ld + h * D;
-#pragma unroll
-    for (int q = 0; q < NQ; ++q) {
-        const int col = 32 * q + 8 * t;
-        if (r0 < T) {
-            float* p = dqbase + r0 * ld + col;
-            *reinterpret_cast<float4*>(p) = make_float4(dq[4 * q][0] * scale, dq[4 * q + 1][0] * scale,
-                                                        dq[4 * q + 2][0] * scale, dq[4 * q + 3][0] * scale);
-            *reinterpret_cast<float4*>(p + 4) = make_float4(dq[4 * q][1] * scale, dq[4 * q + 1][1] * scale,
-                                                            dq[4 * q + 2][1] * scale, dq[4 * q + 3][1] * scale);
-        }
-        if (r1 < T) {
-            float* p = dqbase + r1 * ld + col;
-            *reinterpret_cast<float4*>(p) = make_float4(dq[4 * q][2] * scale, dq[4 * q + 1][2] * scale,
-                                                        dq[4 * q + 2][2] * scale, dq[4 * q + 3][2] * scale);
-            *reinterpret_cast<float4*>(p + 4) = make_float4(dq[4 * q][3] * scale, dq[4 * q + 1][3] * scale,
-                                                            dq[4 * q + 2][3] * scale, dq[4 * q + 3][3] * scale);
-        }
-    }
+    store_rows<D>(dqkv + static_cast<long long>(b) * T * ld + h * D, ld, r0, T, t, dq, scale, scale);
 }
 
 // ---- host side -------------------------------------------------------------------------------
