@@ -299,13 +299,18 @@ def test_bad_resume_directories(corpus, tmp_path):
     assert_clean_error(invoke(["--resume", f]), "not a directory")
 
 
-def test_resume_of_weights_only_checkpoint(tmp_path):
-    d = tmp_path / "weights"
+def _save_tiny_weights(d):
+    """A weights-only checkpoint (no optimizer state, no run) of a one-layer model in folder d."""
     cfg = dict(n_layer=1, n_head=1, n_embd=32, block_size=8, vocab_size=256,
                padded_vocab_size=256)
     params = reference.gpt_init(cfg, np.random.default_rng(0))
     cfg.pop("padded_vocab_size")
     checkpoint.save_state(d, params, cfg)
+
+
+def test_resume_of_weights_only_checkpoint(tmp_path):
+    d = tmp_path / "weights"
+    _save_tiny_weights(d)
     assert_clean_error(invoke(["--resume", d]), "weights only")
 
 
@@ -662,11 +667,7 @@ def test_generate_command_errors(tmp_path):
     assert_clean_error(invoke(["--checkpoint", empty], cli=generate.cli),
                        "not a textgpt2 checkpoint")
     d = tmp_path / "c"
-    cfg = dict(n_layer=1, n_head=1, n_embd=32, block_size=8, vocab_size=256,
-               padded_vocab_size=256)
-    params = reference.gpt_init(cfg, np.random.default_rng(0))
-    cfg.pop("padded_vocab_size")
-    checkpoint.save_state(d, params, cfg)
+    _save_tiny_weights(d)
     for opt, value in (("--max-new-tokens", "0"), ("--temperature", "-1"), ("--top-k", "0"),
                        ("--seed", "-3")):
         assert_clean_error(invoke(["--checkpoint", d, opt, value], cli=generate.cli), opt)
@@ -677,11 +678,7 @@ def test_generate_command_errors(tmp_path):
 @pytest.mark.skipif(GPU_OK, reason="this machine has a GPU")
 def test_generate_without_gpu_says_it_needs_one(tmp_path):
     d = tmp_path / "c"
-    cfg = dict(n_layer=1, n_head=1, n_embd=32, block_size=8, vocab_size=256,
-               padded_vocab_size=256)
-    params = reference.gpt_init(cfg, np.random.default_rng(0))
-    cfg.pop("padded_vocab_size")
-    checkpoint.save_state(d, params, cfg)
+    _save_tiny_weights(d)
     assert_clean_error(invoke(["--checkpoint", d, "--prompt", "x"], cli=generate.cli),
                        "generation needs an NVIDIA GPU")
 
