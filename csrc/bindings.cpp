@@ -15,8 +15,14 @@ PYBIND11_MODULE(_C, m) {
     m.def("encoder_backward_scratch_size", &encoder_backward_scratch_size, py::arg("B"),
           py::arg("T"), py::arg("C"), py::arg("V"));
     m.def("encoder_backward", &encoder_backward, py::arg("dwte"), py::arg("dwpe"),
-          py::arg("scratch"), py::arg("dout"), py::arg("idx"), py::arg("B"), py::arg("T"),
-          py::arg("C"), py::arg("V"), py::arg("dtype"), py::arg("stream"));
+          py::arg("scratch"), py::arg("dout"), py::arg("idx"), py::arg("plan"), py::arg("B"),
+          py::arg("T"), py::arg("C"), py::arg("V"), py::arg("dtype"), py::arg("stream"));
+    m.def("encoder_backward_plan_size", &encoder_backward_plan_size, py::arg("B"), py::arg("T"),
+          py::arg("C"));
+    m.def("encoder_backward_plan", &encoder_backward_plan, py::arg("plan"), py::arg("ids"),
+          py::arg("B"), py::arg("T"), py::arg("C"), py::arg("V"));
+    m.def("encoder_backward_plan_layout", &encoder_backward_plan_layout, py::arg("out"),
+          py::arg("B"), py::arg("T"), py::arg("C"));
 
     m.def("layernorm_forward", &layernorm_forward, py::arg("out"), py::arg("mean"),
           py::arg("rstd"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("N"),

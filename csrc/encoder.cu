@@ -33,8 +33,19 @@
 // times; the rows of a frequent id are read twice (for dwpe, then in its tile). The scratch
 // holds a counter and a bucket per vocabulary id (17 ints), which the zero kernel resets for
 // the ids it meets, so it needs no clearing between calls.
+//
+// The grouping can also be made ahead, on the host, where the ids come from (the training loop
+// has them in host memory before the forward): encoder_backward_plan sorts each chunk's
+// positions by (id, position) with a stable radix sort and writes a plan (the ids themselves,
+// then per chunk: each position's run, the sorted positions, the long-run list and the tiles
+// where a run crosses into the next). Given a plan, encoder_backward launches only the backward
+// kernel, whose position blocks find their runs already listed and never wait. Both ways list
+// the same runs in the same order, so they give the same bits.
 
 #include <algorithm>
+#include <iterator>
+#include <string>
+#include <vector>
 
 #include "common.cuh"
 #include "launchers.h"
@@ -135,6 +146,73 @@ constexpr int kLongCount = 0, kOwnerCount = 1, kLongIds = 2, kCountDone = 3;
 
 inline long long round_up(long long x, long long m) { return (x + m - 1) / m * m; }
 
+// Chunks: whole sequences, up to kMaxRows of them and kChunkCap positions; or, for a longer
+// sequence, kChunkCap positions of one.
+struct ChunkShape {
+    int Bc, Tc;
+};
+inline ChunkShape chunk_shape(int B, int T) {
+    const int Tc = std::min(T, kChunkCap);
+    return {std::min({B, kMaxRows, kChunkCap / Tc}), Tc};
+}
+
+// The backward kernel's block: blockDim.x threads across a slice of the row (64 when the row has
+// that many vectors), kGroups groups of rows; small blocks, several per SM.
+struct Slicing {
+    int threads, slices;
+};
+inline Slicing slicing(int C, int vec) {
+    const int cv = C / vec;  // vectors per row
+    const int threads = std::min(64, (cv + 31) / 32 * 32);
+    const int slices = ceil_div(cv, threads);
+    if (slices > 65535) throw std::invalid_argument("encoder_backward: C too large for the grid");
+    return {threads, slices};
+}
+
+// A host plan, int32 elements: the B*T ids, then one region per chunk (in launch order) at
+// these offsets. head[kLongCount]: entries in the long-run list, head[kOwnerCount]: runs that
+// cross tiles; run: per local position {index in order of its run's first entry, run length};
+// order: the local positions sorted by (id, position); long_keys/long_rows: (id, row) of the
+// entries of runs longer than kShortRun, in that order; owners: the tile where each crossing run
+// begins; tile_done, runs_past: per channel slice, counters the kernel uses and leaves at zero.
+struct PlanLayout {
+    int Bc, Tc;
+    long long ids, region, total;  // ints before the first region, per region, in all
+    long long head, run, order, long_keys, long_rows, owners, tile_done, runs_past;
+};
+
+PlanLayout plan_layout(const char* op, int B, int T, int C) {
+    if (B <= 0 || T <= 0 || C <= 0)
+        throw std::invalid_argument(std::string(op) + ": B, T, C must be positive");
+    if ((long long)B * T > (1LL << 30))
+        throw std::invalid_argument(std::string(op) + ": B*T must be at most 2^30");
+    const ChunkShape cs = chunk_shape(B, T);
+    const long long S = (long long)cs.Bc * cs.Tc;
+    const int slices = slicing(C, 1).slices;  // the most either vector width uses
+    PlanLayout L{};
+    L.Bc = cs.Bc;
+    L.Tc = cs.Tc;
+    long long off = 0;
+    auto take = [&](long long n) {  // 256-byte aligned regions
+        const long long o = off;
+        off = round_up(off + n, 64);
+        return o;
+    };
+    L.head = take(4);
+    L.run = take(2 * S);
+    L.order = take(S);
+    L.long_keys = take(S);
+    L.long_rows = take(S);
+    L.owners = take((S + kTile - 1) / kTile);
+    L.tile_done = take(slices);
+    L.runs_past = take(slices);
+    L.region = off;
+    L.ids = round_up((long long)B * T, 64);
+    const long long chunks = (long long)ceil_div(B, cs.Bc) * ceil_div(T, cs.Tc);
+    L.total = L.ids + chunks * L.region;
+    return L;
+}
+
 EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
     if (B <= 0 || T <= 0 || C <= 0 || V <= 0)
         throw std::invalid_argument(std::string(op) + ": B, T, C, V must be positive");
@@ -147,8 +225,9 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
     p.hopper = hopper_or_later(op);
     p.sms = sms;
     p.long_blocks = std::min(kMaxLong, sms);  // few: they wait resident for the counts
-    p.Tc = std::min(T, kChunkCap);
-    p.Bc = std::min({B, kMaxRows, kChunkCap / p.Tc});
+    const ChunkShape cs = chunk_shape(B, T);
+    p.Bc = cs.Bc;
+    p.Tc = cs.Tc;
     const long long S = (long long)p.Bc * p.Tc;
     const long long ntiles = (S + kTile - 1) / kTile;
     long long off = 0;
@@ -384,33 +463,60 @@ __device__ __forceinline__ void add_group_shares(float (&sum)[VEC], const float*
 
 // ---- backward, 2: dwpe and short runs by position, long runs by tile ---------------------------
 
+// Where the backward kernel finds its chunk's grouping: in the scratch, where the group kernels
+// are making it while the kernel starts (kPlanned false), or in a host plan (kPlanned true).
+struct Grouping {
+    const int* id_count;   // scratch: per id, its positions in the chunk
+    const int* bucket;     // scratch: per id, up to kShortRun of them, in arrival order
+    const int2* run;       // plan: per position, {first entry of its run in order, run length}
+    const int* order;      // plan: the chunk's positions sorted by (id, position)
+    const int* long_keys;  // both: the entries of the long runs, sorted by (id, position)
+    const int* long_rows;
+    int* owners;           // the tiles where a crossing run begins (scratch: the tiles list them)
+    int* counts;           // [kLongCount], [kOwnerCount] (and, scratch, [kCountDone])
+    int* tile_done;        // per channel slice: tile blocks that stored their partials
+    int* runs_past;        // plan: per channel slice: run blocks past their wait
+    float* partials;       // scratch: two per tile and channel
+};
+
 // One block per local position t (and channel slice); thread group y = threadIdx.y holds the
 // rows b = y * kRowsPerThread + u. dwpe first, then the short runs that end at this position.
 // A block's time is mostly waiting for memory, so its loads are issued in three rounds with
 // everything that can go together in one: dout, idx and the dwpe row; then the counts and the
 // buckets of its ids; then the dwte rows it adds to and the other rows of its runs.
-template <typename T, int VEC>
+// With a plan the runs are known from the start: each row's run is loaded beside its dout row,
+// and nothing waits.
+template <typename T, int VEC, bool kPlanned>
 __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __restrict__ dwpe,
                                                   const T* __restrict__ dout,
                                                   const int* __restrict__ idx,
-                                                  const int* id_count, const int* bucket,
-                                                  const int* count_done, const Chunk& chunk,
+                                                  const Grouping& gr, const Chunk& chunk,
                                                   int t, int c, int C, int V, int wave) {
     extern __shared__ float part[];  // [kGroups][blockDim.x * VEC]: each group's dwpe share
     const int y = threadIdx.y, b0 = y * kRowsPerThread;
+    const int lane = threadIdx.x % 32;
     const bool active = c < C;
     float g[kRowsPerThread][VEC];  // dout[b0 + u, t0 + t], kept from the dwpe sum to dwte
     int id[kRowsPerThread];
+    // each row's run: its length, and (lane j) the j-th of its positions, any order
+    int n[kRowsPerThread], pos[kRowsPerThread];
 #pragma unroll
     for (int u = 0; u < kRowsPerThread; u++) {
         const int b = b0 + u;
         id[u] = -1;
+        n[u] = 0;
+        pos[u] = -1;
 #pragma unroll
         for (int k = 0; k < VEC; k++) g[u][k] = 0.0f;
         if (b < chunk.Bc) {
             const int row = chunk.base + b * chunk.Tc + t;
             id[u] = idx[row];
             if (active) load_vec<T, VEC>(g[u], dout + (long long)row * C + c);
+            if constexpr (kPlanned) {
+                const int2 r = gr.run[b * chunk.Tc + t];
+                n[u] = r.y;
+                if (lane < n[u] && n[u] <= kShortRun) pos[u] = gr.order[r.x + lane];
+            }
         }
     }
     T* prow = dwpe + (long long)(chunk.t0 + t) * C + c;
@@ -419,7 +525,7 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
     // Has count finished? Asked while dout is on its way (an acquire load holds back only the
     // loads after it, and those need dout anyway). Only the first blocks find it has not.
     const int count_blocks = (chunk.size() + kGroupThreads - 1) / kGroupThreads;
-    const int arrived = load_acquire(count_done);
+    const int arrived = kPlanned ? 0 : load_acquire(gr.counts + kCountDone);
     float sum[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; k++) sum[k] = 0.0f;
@@ -432,7 +538,9 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
     float* mine = part + (y * blockDim.x + threadIdx.x) * VEC;
 #pragma unroll
     for (int k = 0; k < VEC; k++) mine[k] = sum[k];
-    const bool counted = __syncthreads_and(arrived >= count_blocks);
+    bool counted = true;
+    if constexpr (kPlanned) __syncthreads();
+    else counted = __syncthreads_and(arrived >= count_blocks);
     if (y == 0 && active) {  // the groups holding rows, in group order
         add_group_shares<VEC>(sum, part,
                               min(kGroups, (chunk.Bc + kRowsPerThread - 1) / kRowsPerThread));
@@ -440,7 +548,7 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
         for (int k = 0; k < VEC; k++) pw[k] += sum[k];
         store_vec<T, VEC>(prow, pw);
     }
-    if (!counted) {  // count's blocks are running: the grid launched after all of them started
+    if (!kPlanned && !counted) {  // count's blocks are running: the grid launched after all of them started
         // Meanwhile, bring to L2 this block's dwte rows and the dout rows of the blocks that
         // will take its place in the next waves, so that the wait moves bytes too.
         if (VEC * sizeof(T) == 16) {
@@ -464,7 +572,7 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
                                      min((int)blockDim.x * VEC, C - c1) * (int)sizeof(T));
             }
         }
-        if (y == 0 && threadIdx.x == 0) wait_until(count_done, count_blocks);
+        if (y == 0 && threadIdx.x == 0) wait_until(gr.counts + kCountDone, count_blocks);
         __syncthreads();
     }
 
@@ -475,15 +583,16 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
     // go before the stores. The values are the same for every thread of a group, so its warps
     // stay converged. Counts and buckets come from L2 (__ldcg): count wrote them during this grid.
     __shared__ int order[kGroups * 64 / 32][kRowsPerThread][kShortRun];
-    const int lane = threadIdx.x % 32;
     int (*ord)[kShortRun] = order[(y * blockDim.x + threadIdx.x) / 32];
-    int n[kRowsPerThread], pos[kRowsPerThread];
+    if constexpr (!kPlanned) {
 #pragma unroll
-    for (int u = 0; u < kRowsPerThread; u++) {
-        const bool valid = id[u] >= 0 && id[u] < V;
-        n[u] = valid ? __ldcg(id_count + id[u]) : 0;
-        pos[u] = valid && lane < kShortRun ? __ldcg(bucket + (long long)id[u] * kShortRun + lane)
-                                           : -1;
+        for (int u = 0; u < kRowsPerThread; u++) {
+            const bool valid = id[u] >= 0 && id[u] < V;
+            n[u] = valid ? __ldcg(gr.id_count + id[u]) : 0;
+            pos[u] = valid && lane < kShortRun
+                         ? __ldcg(gr.bucket + (long long)id[u] * kShortRun + lane)
+                         : -1;
+        }
     }
     unsigned others = 0;  // 5 bits per row: 1 + the other positions of its run; 0: not added here
 #pragma unroll
@@ -531,7 +640,7 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
 // One tile per thread group y. Partial slots: 2*tile holds the tile's share of a run that began
 // in an earlier tile ("head"), 2*tile+1 the share of a run that begins here and goes on into the
 // next tile ("tail"); the tile that holds a run's tail registers as the run's owner.
-template <typename T, int VEC>
+template <typename T, int VEC, bool kPlanned>
 __device__ __forceinline__ void backward_long_tile(T* __restrict__ dwte, float* __restrict__ partials,
                                                    int* __restrict__ owners, int* __restrict__ counts,
                                                    const T* __restrict__ dout,
@@ -553,7 +662,9 @@ __device__ __forceinline__ void backward_long_tile(T* __restrict__ dwte, float* 
     if (n <= 0) return;
     const int prev_key = skey[0], next_key = skey[n + 1];
     // A run is contiguous, so the tile's last run began before the tile only if it fills the tile.
-    if (blockIdx.y == 0 && threadIdx.x == 0 && skey[n] == next_key && skey[n] != prev_key)
+    // (A plan lists these owners already.)
+    if (!kPlanned && blockIdx.y == 0 && threadIdx.x == 0 && skey[n] == next_key &&
+        skey[n] != prev_key)
         owners[atomicAdd(counts + kOwnerCount, 1)] = tile;
     if (c >= C) return;
     float acc[VEC];
@@ -622,17 +733,16 @@ __device__ int run_end(const int* keys, int M, int k, int lane) {
 // are split into kGroups contiguous ranges, one per thread group, and the groups' sums are added
 // in group order: a fixed order. Runs are taken in turn by the run blocks of the slice.
 template <typename T, int VEC>
-__device__ __forceinline__ void backward_crossing_runs(T* __restrict__ dwte, const int* s,
-                                                       const EncoderPlan& p, int block,
-                                                       int nblocks, int c, int C) {
+__device__ __forceinline__ void backward_crossing_runs(T* __restrict__ dwte, const Grouping& gr,
+                                                       int M, int block, int nblocks, int c,
+                                                       int C) {
     extern __shared__ float red[];  // [kGroups][blockDim.x * VEC]
     const int lane = threadIdx.x % 32, y = threadIdx.y;
-    const int* keys = s + p.long_keys;
-    const int M = s[p.counts + kLongCount];
-    const int count = __ldcg(s + p.counts + kOwnerCount);  // (L2: the tiles wrote it)
-    const float* partials = reinterpret_cast<const float*>(s + p.partials);
+    const int* keys = gr.long_keys;
+    const int count = __ldcg(gr.counts + kOwnerCount);  // (L2: the tiles may have written it)
+    const float* partials = gr.partials;
     for (int o = block; o < count; o += nblocks) {
-        const int tile = __ldcg(s + p.owners + o);
+        const int tile = __ldcg(gr.owners + o);
         const int k_last = (tile + 1) * kTile - 1;  // an owner tile is full: its run goes on
         const int end = run_end(keys, M, k_last, lane);
         const int nslots = (end - 1) / kTile - tile + 1;
@@ -671,56 +781,53 @@ __device__ __forceinline__ void backward_crossing_runs(T* __restrict__ dwte, con
 // blockIdx.x < Tc: a position. Then tile_blocks blocks of kGroups tiles of the long-run list,
 // then run_blocks blocks that add up the runs crossing tiles (both usually idle).
 // blockIdx.y: a slice of blockDim.x * VEC channels.
-template <typename T, int VEC>
+template <typename T, int VEC, bool kPlanned>
 __global__ void __launch_bounds__(kGroups * 64, 4)
-encoder_backward_kernel(T* __restrict__ dwte, T* __restrict__ dwpe,
-                                        int* __restrict__ s, EncoderPlan p,
-                                        const T* __restrict__ dout, const int* __restrict__ idx,
-                                        Chunk chunk, int tile_blocks, int C, int V) {
+encoder_backward_kernel(T* __restrict__ dwte, T* __restrict__ dwpe, Grouping gr,
+                        const T* __restrict__ dout, const int* __restrict__ idx, Chunk chunk,
+                        int tile_blocks, int wave, int C, int V) {
     const int c = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
     const int bx = blockIdx.x;
     if (bx < chunk.Tc) {
-        backward_position<T, VEC>(dwte, dwpe, dout, idx, s + p.id_count, s + p.bucket,
-                                  s + p.counts + kCountDone, chunk, bx, c, C, V, 4 * p.sms);
+        backward_position<T, VEC, kPlanned>(dwte, dwpe, dout, idx, gr, chunk, bx, c, C, V, wave);
         return;
     }
     pdl_wait();  // long_sort's list
-    const int M = s[p.counts + kLongCount];
-    int* tile_done = s + p.tile_done + blockIdx.y;
+    const int M = gr.counts[kLongCount];
+    // With a plan the slice counters are touched only where a run crosses tiles, and the last
+    // run block leaves them at zero for the next call; in the scratch the zero kernel resets them.
+    const bool crossing = kPlanned ? gr.counts[kOwnerCount] > 0 : M > kTile;
+    int* tile_done = gr.tile_done + blockIdx.y;
     const int busy_tile_blocks = (M + kTile * kGroups - 1) / (kTile * kGroups);  // with a tile
     if (bx < chunk.Tc + tile_blocks) {
         const int tile0 = (bx - chunk.Tc) * kGroups;
         if (tile0 * kTile >= M) return;  // the whole block: no tile here
-        backward_long_tile<T, VEC>(dwte, reinterpret_cast<float*>(s + p.partials), s + p.owners,
-                                   s + p.counts, dout, s + p.long_keys, s + p.long_rows, M,
-                                   tile0 + threadIdx.y, c, C);
+        backward_long_tile<T, VEC, kPlanned>(dwte, gr.partials, gr.owners, gr.counts, dout,
+                                             gr.long_keys, gr.long_rows, M, tile0 + threadIdx.y,
+                                             c, C);
         __syncthreads();
-        if (threadIdx.x == 0 && threadIdx.y == 0) {
+        if (crossing && threadIdx.x == 0 && threadIdx.y == 0) {
             __threadfence();  // the block's partials and owners before its arrival
             atomicAdd(tile_done, 1);
         }
         return;
     }
-    if (M <= kTile) return;  // no run crosses a tile
+    if (!crossing) return;
     // A run block waits for the slice's tile blocks. At most one run block per SM is launched
     // (on average), so the tile blocks always find room even if blocks start out of order.
-    if (threadIdx.x == 0 && threadIdx.y == 0) wait_until(tile_done, busy_tile_blocks);
-    __syncthreads();
     const int run_blocks = gridDim.x - chunk.Tc - tile_blocks;
-    backward_crossing_runs<T, VEC>(dwte, s, p, bx - chunk.Tc - tile_blocks, run_blocks, c, C);
-}
-
-// The backward kernel's block: blockDim.x threads across a slice of the row (64 when the row has
-// that many vectors), kGroups groups of rows; small blocks, several per SM.
-struct Slicing {
-    int threads, slices;
-};
-inline Slicing slicing(int C, int vec) {
-    const int cv = C / vec;  // vectors per row
-    const int threads = std::min(64, (cv + 31) / 32 * 32);
-    const int slices = ceil_div(cv, threads);
-    if (slices > 65535) throw std::invalid_argument("encoder_backward: C too large for the grid");
-    return {threads, slices};
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+        wait_until(tile_done, busy_tile_blocks);
+        if constexpr (kPlanned) {  // every run block of the slice has seen the tiles: reset
+            int* past = gr.runs_past + blockIdx.y;
+            if (atomicAdd(past, 1) == run_blocks - 1) {
+                *tile_done = 0;
+                *past = 0;
+            }
+        }
+    }
+    __syncthreads();
+    backward_crossing_runs<T, VEC>(dwte, gr, M, bx - chunk.Tc - tile_blocks, run_blocks, c, C);
 }
 
 void launch_group(const EncoderPlan& p, const Chunk& chunk, int* s, const int* ids, int V,
@@ -740,18 +847,49 @@ void launch_group(const EncoderPlan& p, const Chunk& chunk, int* s, const int* i
               ids, chunk);
 }
 
-template <typename T, int VEC>
-void launch_backward(T* dwte, T* dwpe, int* s, const EncoderPlan& p, const Chunk& chunk,
-                     const T* dout, const int* idx, int C, int V, cudaStream_t st) {
+// The grouping the group kernels make in the scratch, or the one in a plan's region `r`.
+Grouping scratch_grouping(int* s, const EncoderPlan& p) {
+    Grouping g{};
+    g.id_count = s + p.id_count;
+    g.bucket = s + p.bucket;
+    g.long_keys = s + p.long_keys;
+    g.long_rows = s + p.long_rows;
+    g.owners = s + p.owners;
+    g.counts = s + p.counts;
+    g.tile_done = s + p.tile_done;
+    g.partials = reinterpret_cast<float*>(s + p.partials);
+    return g;
+}
+Grouping plan_grouping(int* r, const PlanLayout& L, int* s, const EncoderPlan& p) {
+    Grouping g{};
+    g.run = reinterpret_cast<const int2*>(r + L.run);
+    g.order = r + L.order;
+    g.long_keys = r + L.long_keys;
+    g.long_rows = r + L.long_rows;
+    g.owners = r + L.owners;
+    g.counts = r + L.head;
+    g.tile_done = r + L.tile_done;
+    g.runs_past = r + L.runs_past;
+    g.partials = reinterpret_cast<float*>(s + p.partials);
+    return g;
+}
+
+// With a plan the backward kernel is the op's only one, so it is an ordinary launch: it starts
+// once the kernel before it (which wrote dout) is done.
+template <typename T, int VEC, bool kPlanned>
+void launch_backward(T* dwte, T* dwpe, const Grouping& gr, const EncoderPlan& p,
+                     const Chunk& chunk, const T* dout, const int* idx, int C, int V,
+                     cudaStream_t st) {
     const Slicing sl = slicing(C, VEC);
     const int tiles = ceil_div(chunk.size(), kTile);
     const int tile_blocks = ceil_div(tiles, kGroups);
     // about one run block per SM in all (they wait for the tiles), and no more than the runs
     const int run_blocks = std::max(1, std::min(ceil_div(tiles, 2), p.sms / sl.slices));
     const size_t smem = sizeof(float) * kGroups * sl.threads * VEC;
-    launch_ex("encoder_backward", encoder_backward_kernel<T, VEC>,
+    launch_ex("encoder_backward", encoder_backward_kernel<T, VEC, kPlanned>,
               dim3(chunk.Tc + tile_blocks + run_blocks, sl.slices), dim3(sl.threads, kGroups),
-              smem, st, 1, p.hopper, dwte, dwpe, s, p, dout, idx, chunk, tile_blocks, C, V);
+              smem, st, 1, p.hopper && !kPlanned, dwte, dwpe, gr, dout, idx, chunk, tile_blocks,
+              4 * p.sms, C, V);
 }
 
 }  // namespace
@@ -791,32 +929,123 @@ long long encoder_backward_scratch_size(int B, int T, int C, int V) {
 }
 
 void encoder_backward(uintptr_t dwte, uintptr_t dwpe, uintptr_t scratch, uintptr_t dout,
-                      uintptr_t idx, int B, int T, int C, int V, int dtype, uintptr_t stream) {
+                      uintptr_t idx, uintptr_t plan, int B, int T, int C, int V, int dtype,
+                      uintptr_t stream) {
     const char* op = "encoder_backward";
     const EncoderPlan p = encoder_plan(op, B, T, C, V);
+    PlanLayout L{};
+    if (plan) L = plan_layout(op, B, T, C);
     cudaStream_t st = as_stream(stream);
     int* s = as_ptr<int>(scratch);
-    const int* ids = as_ptr<const int>(idx);
+    // with a plan, the ids it was made from (its head), whatever idx holds
+    const int* ids = plan ? as_ptr<const int>(plan) : as_ptr<const int>(idx);
     DISPATCH_STORAGE(op, dtype, [&] {
         constexpr int kVec = 16 / sizeof(scalar_t);
         const bool vec = C % kVec == 0 && aligned16(dwte) && aligned16(dwpe) && aligned16(dout) &&
                          aligned16(scratch);
+        scalar_t* w = as_ptr<scalar_t>(dwte);
+        scalar_t* pe = as_ptr<scalar_t>(dwpe);
+        const scalar_t* d = as_ptr<const scalar_t>(dout);
         // Chunks in a fixed order, so each row's sum over chunks is too.
+        int j = 0;
         for (int b0 = 0; b0 < B; b0 += p.Bc) {
-            for (int t0 = 0; t0 < T; t0 += p.Tc) {
+            for (int t0 = 0; t0 < T; t0 += p.Tc, j++) {
                 const Chunk chunk{b0 * T + t0, t0, std::min(p.Bc, B - b0), std::min(p.Tc, T - t0)};
+                if (plan) {
+                    const Grouping g = plan_grouping(as_ptr<int>(plan) + L.ids + j * L.region, L,
+                                                     s, p);
+                    if (vec) launch_backward<scalar_t, kVec, true>(w, pe, g, p, chunk, d, ids, C, V, st);
+                    else launch_backward<scalar_t, 1, true>(w, pe, g, p, chunk, d, ids, C, V, st);
+                    continue;
+                }
                 launch_group(p, chunk, s, ids, V, slicing(C, vec ? kVec : 1).slices, st);
                 check_launch(op);
-                if (vec)
-                    launch_backward<scalar_t, kVec>(as_ptr<scalar_t>(dwte), as_ptr<scalar_t>(dwpe),
-                                                    s, p, chunk, as_ptr<const scalar_t>(dout), ids,
-                                                    C, V, st);
-                else
-                    launch_backward<scalar_t, 1>(as_ptr<scalar_t>(dwte), as_ptr<scalar_t>(dwpe), s,
-                                                 p, chunk, as_ptr<const scalar_t>(dout), ids, C, V,
-                                                 st);
+                const Grouping g = scratch_grouping(s, p);
+                if (vec) launch_backward<scalar_t, kVec, false>(w, pe, g, p, chunk, d, ids, C, V, st);
+                else launch_backward<scalar_t, 1, false>(w, pe, g, p, chunk, d, ids, C, V, st);
             }
         }
     });
     check_launch(op);
+}
+
+long long encoder_backward_plan_size(int B, int T, int C) {
+    return plan_layout("encoder_backward_plan_size", B, T, C).total;
+}
+
+void encoder_backward_plan_layout(uintptr_t out, int B, int T, int C) {
+    const PlanLayout L = plan_layout("encoder_backward_plan_layout", B, T, C);
+    const long long v[] = {L.Bc,        L.Tc,      L.ids,   L.region,
+                           L.head,      L.run,     L.order, L.long_keys,
+                           L.long_rows, L.owners,  L.tile_done, L.runs_past};
+    std::copy(std::begin(v), std::end(v), reinterpret_cast<long long*>(out));
+}
+
+// Host code. Per chunk: a stable LSD radix sort of the positions by id (16-bit digits, one or
+// two passes), then one scan over the sorted positions for the runs, the long-run list and the
+// tiles where a long run crosses into the next tile (the tile holding its first entry owns it).
+void encoder_backward_plan(uintptr_t plan, uintptr_t ids, int B, int T, int C, int V) {
+    const char* op = "encoder_backward_plan";
+    if (V <= 0) throw std::invalid_argument(std::string(op) + ": V must be positive");
+    const PlanLayout L = plan_layout(op, B, T, C);
+    int* out = reinterpret_cast<int*>(plan);
+    const int* in = reinterpret_cast<const int*>(ids);
+    const long long N = (long long)B * T;
+    for (long long n = 0; n < N; n++) {
+        if (in[n] < 0 || in[n] >= V)
+            throw std::invalid_argument(std::string(op) + ": ids[" + std::to_string(n / T) + ", " +
+                                        std::to_string(n % T) + "] = " + std::to_string(in[n]) +
+                                        " is outside [0, V = " + std::to_string(V) + ")");
+    }
+    std::fill(out, out + L.total, 0);
+    std::copy(in, in + N, out);
+    const long long S = (long long)L.Bc * L.Tc;
+    std::vector<int> tmp(S), hist(1 << 16);
+    auto sort_pass = [&](const int* src, int* dst, int count, const int* key_of, int shift) {
+        std::fill(hist.begin(), hist.end(), 0);
+        for (int k = 0; k < count; k++) hist[key_of[src[k]] >> shift & 0xffff]++;
+        int at = 0;
+        for (int& h : hist) {
+            const int c = h;
+            h = at;
+            at += c;
+        }
+        for (int k = 0; k < count; k++) dst[hist[key_of[src[k]] >> shift & 0xffff]++] = src[k];
+    };
+    long long j = 0;
+    for (int b0 = 0; b0 < B; b0 += L.Bc) {
+        for (int t0 = 0; t0 < T; t0 += L.Tc, j++) {
+            const Chunk chunk{b0 * T + t0, t0, std::min(L.Bc, B - b0), std::min(L.Tc, T - t0)};
+            const int size = chunk.size();
+            const int* key = in + chunk.base;  // the id of local position p is key[p]
+            int* r = out + L.ids + j * L.region;
+            int* order = r + L.order;
+            for (int q = 0; q < size; q++) tmp[q] = q;
+            sort_pass(tmp.data(), order, size, key, 0);
+            if (V > (1 << 16)) {  // the high digit
+                sort_pass(order, tmp.data(), size, key, 16);
+                std::copy(tmp.data(), tmp.data() + size, order);
+            }
+            int M = 0, crossing = 0;
+            for (int k = 0; k < size;) {
+                int e = k + 1;
+                while (e < size && key[order[e]] == key[order[k]]) e++;
+                const int len = e - k;
+                for (int q = k; q < e; q++) {
+                    r[L.run + 2LL * order[q]] = k;
+                    r[L.run + 2LL * order[q] + 1] = len;
+                }
+                if (len > kShortRun) {
+                    if (M / kTile != (M + len - 1) / kTile) r[L.owners + crossing++] = M / kTile;
+                    for (int q = k; q < e; q++, M++) {
+                        r[L.long_keys + M] = key[order[q]];
+                        r[L.long_rows + M] = chunk.base + order[q];
+                    }
+                }
+                k = e;
+            }
+            r[L.head + kLongCount] = M;
+            r[L.head + kOwnerCount] = crossing;
+        }
+    }
 }

@@ -18,9 +18,20 @@ void encoder_forward(uintptr_t out, uintptr_t idx, uintptr_t wte, uintptr_t wpe,
 // scratch: int32 workspace of encoder_backward_scratch_size(B, T, C, V) elements (256-byte aligned;
 // it holds float32 partial sums too, hence C; the size depends on the current GPU's shared
 // memory, which bounds the chunk one sort handles). Needs B*T <= 2^30.
+// plan: 0, or a device copy of an encoder_backward_plan of these ids (then the ids are read from
+// its head and the grouping kernels are not launched).
 long long encoder_backward_scratch_size(int B, int T, int C, int V);
 void encoder_backward(uintptr_t dwte, uintptr_t dwpe, uintptr_t scratch, uintptr_t dout,
-                      uintptr_t idx, int B, int T, int C, int V, int dtype, uintptr_t stream);
+                      uintptr_t idx, uintptr_t plan, int B, int T, int C, int V, int dtype,
+                      uintptr_t stream);
+// Host code: writes into plan (host memory, encoder_backward_plan_size(B, T, C) int32) the ids
+// (B*T int32 in host memory, each in [0, V)) and their grouping for encoder_backward.
+long long encoder_backward_plan_size(int B, int T, int C);
+void encoder_backward_plan(uintptr_t plan, uintptr_t ids, int B, int T, int C, int V);
+// Host code, for tests: writes 12 int64 into out: Bc, Tc (the chunk shape), then the offsets in
+// int32 elements of the first region, the region size, and, within a region, head, run, order,
+// long_keys, long_rows, owners, tile_done, runs_past (encoder.cu, PlanLayout).
+void encoder_backward_plan_layout(uintptr_t out, int B, int T, int C);
 
 // layernorm.cu: rows of length C; mean and rstd (float32, N each) saved for the backward.
 void layernorm_forward(uintptr_t out, uintptr_t mean, uintptr_t rstd, uintptr_t x,

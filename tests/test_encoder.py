@@ -137,7 +137,27 @@ def _check_backward(cp, rng, idx, C, V, maxT, tol=1e-5):
     untouched = np.setdiff1d(np.arange(V), idx[(idx >= 0) & (idx < V)])
     assert np.array_equal(_bits(dwte[untouched]), _bits(dwte0[untouched]))
     assert np.array_equal(_bits(dwpe[T:]), _bits(dwpe0[T:]))
+    if ((idx >= 0) & (idx < V)).all():
+        _check_plan_gives_same_bits(cp, dout, idx, dwte0, dwpe0, dwte, dwpe)
     return dout, dwte0, dwpe0, dwte, dwpe
+
+
+def _check_plan_gives_same_bits(cp, dout, idx, dwte0, dwpe0, dwte, dwpe):
+    """With the ids grouped on the host (a plan), the backward gives the bits (dwte, dwpe) that it
+    gave from (dwte0, dwpe0) without one; and again on a second call with the same plan (whose
+    tile counters the first call must have left at zero)."""
+    V, C = dwte0.shape
+    plan = ops.encoder_backward_plan(idx, C, V)
+    d = cp.asarray(dout)
+    pw, pp = cp.asarray(dwte0), cp.asarray(dwpe0)
+    ops.encoder_backward(d, plan.idx, pw, pp, plan=plan)
+    assert np.array_equal(_bits(pw.get()), _bits(dwte))
+    assert np.array_equal(_bits(pp.get()), _bits(dwpe))
+    uw, up = cp.asarray(dwte), cp.asarray(dwpe)
+    ops.encoder_backward(d, cp.asarray(idx), uw, up)
+    ops.encoder_backward(d, plan.idx, pw, pp, plan=plan)
+    assert np.array_equal(_bits(pw.get()), _bits(uw.get()))
+    assert np.array_equal(_bits(pp.get()), _bits(up.get()))
 
 
 @pytest.mark.gpu
@@ -305,6 +325,8 @@ def test_encoder_backward_gpt2_size(cp, rng, B):
         runs.append((dwte.get(), dwpe.get()))
     assert np.array_equal(_bits(runs[0][0]), _bits(runs[1][0]))
     assert np.array_equal(_bits(runs[0][1]), _bits(runs[1][1]))
+    zw, zp = np.zeros((V, C), np.float32), np.zeros((T, C), np.float32)
+    _check_plan_gives_same_bits(cp, dout.get(), idx, zw, zp, *runs[0])
     ew, ep = reference.encoder_backward(dout.get(), idx, V, T)
     assert rel_err(runs[0][0], ew) < 1e-5
     assert rel_err(runs[0][1], ep) < 1e-5
@@ -323,6 +345,101 @@ def test_encoder_backward_all_ids_equal_at_64k(cp, rng):
     assert rel_err(got[11], d64.sum(axis=(0, 1))) < 1e-5
     assert not np.delete(got, 11, axis=0).any()
     assert rel_err(dwpe.get(), d64.sum(axis=0)) < 1e-5
+
+
+# ---- encoder_backward_plan (host; runs without a GPU) ---------------------------------------
+
+def _expected_chunk(key, base):
+    """What a plan region must hold for one chunk whose local position p has id key[p] (an
+    independent NumPy construction: a stable argsort, then run lengths by bincount)."""
+    order = np.argsort(key, kind="stable")
+    sorted_keys = key[order]
+    first = np.searchsorted(sorted_keys, key)               # where each id's run starts
+    length = np.bincount(key)[key]
+    is_long = length[order] > 16
+    long_keys, long_rows = sorted_keys[is_long], base + order[is_long]
+    # a long run that spills past a 32-entry tile is owned by the tile of its first entry
+    starts = np.flatnonzero(np.r_[True, long_keys[1:] != long_keys[:-1]]) if long_keys.size else []
+    ends = np.r_[starts[1:], long_keys.size] if long_keys.size else []
+    owners = [s // 32 for s, e in zip(starts, ends) if s // 32 != (e - 1) // 32]
+    return order, first, length, long_keys, long_rows, np.array(owners, dtype=np.int64)
+
+
+@pytest.mark.parametrize("B,T,C,V,kind", [
+    (1, 1, 3, 7, "random"),
+    (3, 37, 768, 50257, "zipf"),
+    (8, 128, 32, 1000, "all_equal"),         # one run of 1024 entries: 32 tiles, one owner
+    (40, 3, 16, 2, "random"),                # three chunks of up to 16 sequences
+    (2, 150, 8, 70000, "random"),            # V >= 2^16: two radix passes
+    (1, 40000, 4, 7, "random"),              # one sequence over three chunks
+    (4, 205, 20, 50257, "run_lengths"),      # every run length 1..40
+    (16, 1024, 768, 50304, "zipf"),          # GPT-2 124M's batch
+])
+def test_encoder_backward_plan_matches_numpy(rng, B, T, C, V, kind):
+    if kind == "zipf":
+        ids = _zipf_ids(rng, (B, T), V)
+    elif kind == "all_equal":
+        ids = np.full((B, T), V - 1, dtype=np.int64)    # any integer dtype is taken
+    elif kind == "run_lengths":
+        ids = rng.permutation(np.repeat(100 * np.arange(1, 41), np.arange(1, 41))).reshape(B, T)
+    else:
+        ids = rng.integers(0, V, (B, T))
+    plan = ops.encoder_backward_plan_host(ids, C, V)
+    L = ops.encoder_backward_plan_layout(B, T, C)
+    assert plan.dtype == np.int32 and plan.size == ops.encoder_backward_plan_size(B, T, C)
+    assert np.array_equal(plan[:B * T], ids.ravel())
+    flat = ids.ravel()
+    j = 0
+    for b0 in range(0, B, L["Bc"]):
+        for t0 in range(0, T, L["Tc"]):
+            Bc, Tc = min(L["Bc"], B - b0), min(L["Tc"], T - t0)
+            rows = (b0 * T + t0 + np.arange(Bc)[:, None] * T + np.arange(Tc)[None]).ravel()
+            base = b0 * T + t0
+            assert np.array_equal(rows, base + np.arange(Bc * Tc))   # local p is row - base
+            S = Bc * Tc
+            order, first, length, lk, lr, owners = _expected_chunk(flat[rows], base)
+            r = plan[L["ids"] + j * L["region"]:][:L["region"]]
+            M, crossing = r[L["head"]], r[L["head"] + 1]
+            run = r[L["run"]:L["run"] + 2 * S].reshape(S, 2)
+            assert np.array_equal(r[L["order"]:L["order"] + S], order)
+            assert np.array_equal(run[:, 0], first)
+            assert np.array_equal(run[:, 1], length)
+            assert M == lk.size
+            assert np.array_equal(r[L["long_keys"]:L["long_keys"] + M], lk)
+            assert np.array_equal(r[L["long_rows"]:L["long_rows"] + M], lr)
+            assert crossing == owners.size
+            assert np.array_equal(r[L["owners"]:L["owners"] + crossing], owners)
+            assert not r[L["tile_done"]:L["region"]].any()            # counters start at zero
+            j += 1
+    assert plan.size == L["ids"] + j * L["region"]
+
+
+def test_encoder_backward_plan_rejects_bad_ids():
+    ids = np.zeros((2, 5), np.int32)
+    ids[1, 3] = 9
+    with pytest.raises(ValueError, match=r"encoder_backward_plan: ids\[1, 3\] = 9 is outside "
+                                         r"\[0, V = 9\)"):
+        ops.encoder_backward_plan_host(ids, 4, 9)
+    ids[1, 3] = -1
+    with pytest.raises(ValueError, match=r"ids\[1, 3\] = -1 is outside"):
+        ops.encoder_backward_plan_host(ids, 4, 9)
+    big = np.full((1, 2), 2**32 + 1, np.int64)          # would wrap to 1 as int32
+    with pytest.raises(ValueError, match=r"ids\[0, 0\] = 4294967297 is outside"):
+        ops.encoder_backward_plan_host(big, 4, 9)
+    with pytest.raises(TypeError, match="encoder_backward_plan: argument 'ids' must hold "
+                                        "integers, got dtype float32"):
+        ops.encoder_backward_plan_host(np.zeros((2, 2), np.float32), 4, 9)
+    with pytest.raises(TypeError, match="'ids' must be a NumPy \\(host\\) integer array, got list"):
+        ops.encoder_backward_plan_host([[1, 2]], 4, 9)
+    with pytest.raises(ValueError, match="'ids' must have shape \\(B, T\\) with B, T > 0, got "
+                                         "\\(6,\\)"):
+        ops.encoder_backward_plan_host(np.zeros(6, np.int32), 4, 9)
+    with pytest.raises(ValueError, match="'ids' must have shape .* got \\(0, 3\\)"):
+        ops.encoder_backward_plan_host(np.zeros((0, 3), np.int32), 4, 9)
+    with pytest.raises(ValueError, match="encoder_backward_plan: 'C' must be a positive integer"):
+        ops.encoder_backward_plan_host(ids * 0, 0, 9)
+    with pytest.raises(ValueError, match="encoder_backward_plan: 'V' must be a positive integer"):
+        ops.encoder_backward_plan_host(ids * 0, 4, 2.5)
 
 
 # ---- argument checks ---------------------------------------------------------------------
@@ -409,3 +526,22 @@ def test_encoder_backward_rejects_bad_arguments(cp):
         ops.encoder_backward(dout, idx, dwte, dwte[:T])
     with pytest.raises(TypeError, match="encoder_backward: argument 'scratch' has dtype float32"):
         ops.encoder_backward(dout, idx, dwte, dwpe, scratch=cp.zeros(10**6, cp.float32))
+    plan = ops.encoder_backward_plan(np.zeros((B, T), np.int32), C, V)
+    with pytest.raises(TypeError, match="encoder_backward: argument 'plan' must be an EncoderPlan"
+                                        " \\(made by encoder_backward_plan\\), got ndarray"):
+        ops.encoder_backward(dout, plan.idx, dwte, dwpe, plan=plan.data)
+    with pytest.raises(ValueError, match="encoder_backward: with a plan, 'idx' must be plan.idx"):
+        ops.encoder_backward(dout, idx, dwte, dwpe, plan=plan)
+    with pytest.raises(ValueError, match="encoder_backward: argument 'plan' was made for B=2, T=3, "
+                                         "C=4, V=5; this call has B=2, T=3, C=4, V=6"):
+        ops.encoder_backward(dout, plan.idx, cp.zeros((V + 1, C), cp.float32), dwpe, plan=plan)
+    other = ops.encoder_backward_plan(np.zeros((B, T - 1), np.int32), C, V)
+    with pytest.raises(ValueError, match="argument 'plan' was made for B=2, T=2, C=4, V=5; this "
+                                         "call has B=2, T=3"):
+        ops.encoder_backward(dout, idx, dwte, dwpe, plan=other)
+    with pytest.raises(ValueError, match="encoder_backward_plan: argument 'out' is a plan for "
+                                         "B=2, T=2, C=4, V=5, not B=2, T=3, C=4, V=5"):
+        ops.encoder_backward_plan(np.zeros((B, T), np.int32), C, V, out=other)
+    with pytest.raises(ValueError, match="encoder_backward: arguments 'dwte' and 'plan' overlap"):
+        ops.encoder_backward(dout, plan.idx, plan.data[:V * C].view(cp.float32).reshape(V, C),
+                             dwpe, plan=plan)

@@ -178,7 +178,7 @@ def encoder_backward_scratch_size(B, T, C, V):
     return int(extension().encoder_backward_scratch_size(int(B), int(T), int(C), int(V)))
 
 
-def encoder_backward(dout, idx, dwte, dwpe, stream=None, scratch=None):
+def encoder_backward(dout, idx, dwte, dwpe, stream=None, scratch=None, plan=None):
     """Accumulates the embedding gradients: dwte[v] += sum of dout[b, t] over the (b, t) with
     idx[b, t] == v, dwpe[t] += sum over b of dout[b, t]. Bitwise reproducible (the ids are grouped
     with integer counts, then each row is summed in position order; no float atomics); dout is
@@ -187,7 +187,9 @@ def encoder_backward(dout, idx, dwte, dwpe, stream=None, scratch=None):
     dout (B, T, C); idx (B, T) int32; dwte (V, C); dwpe (maxT, C), T <= maxT; B*T <= 2**30.
     `scratch`: int32, at least encoder_backward_scratch_size(B, T, C, V) elements, 256-byte
     aligned (allocated if None; pass one to avoid an allocation per call, e.g. under CUDA-graph
-    capture). Returns (dwte, dwpe)."""
+    capture). `plan`: an EncoderPlan of these ids (encoder_backward_plan; idx must then be
+    plan.idx): the grouping was done on the host, so only the backward kernel runs. The same bits
+    either way. Returns (dwte, dwpe)."""
     op = "encoder_backward"
     B, T, V, C = _encoder_sizes(op, idx, dwte, "dwte")
     _check_array(op, "dout", dout, shape=(B, T, C))
@@ -198,10 +200,111 @@ def encoder_backward(dout, idx, dwte, dwpe, stream=None, scratch=None):
     ext = extension()
     scratch = _scratch_buffer(op, scratch, ext.encoder_backward_scratch_size(B, T, C, V),
                               np.int32, stream)
-    _check_disjoint(op, dwte=dwte, dwpe=dwpe, dout=dout, idx=idx, scratch=scratch)
+    plan_ptr = 0
+    if plan is None:
+        _check_disjoint(op, dwte=dwte, dwpe=dwpe, dout=dout, idx=idx, scratch=scratch)
+    else:
+        if not isinstance(plan, EncoderPlan):
+            raise TypeError(f"{op}: argument 'plan' must be an EncoderPlan (made by "
+                            f"encoder_backward_plan), got {type(plan).__name__}")
+        if (plan.B, plan.T, plan.C, plan.V) != (B, T, C, V):
+            raise ValueError(f"{op}: argument 'plan' was made for B={plan.B}, T={plan.T}, "
+                             f"C={plan.C}, V={plan.V}; this call has B={B}, T={T}, C={C}, V={V}")
+        if idx.data.ptr != plan.idx.data.ptr:
+            raise ValueError(f"{op}: with a plan, 'idx' must be plan.idx (the ids it groups)")
+        _check_disjoint(op, dwte=dwte, dwpe=dwpe, dout=dout, scratch=scratch, plan=plan.data)
+        plan_ptr = plan.data.ptr
     ext.encoder_backward(dwte.data.ptr, dwpe.data.ptr, scratch.data.ptr, dout.data.ptr,
-                         idx.data.ptr, B, T, C, V, _code(dout), _stream(stream))
+                         idx.data.ptr, plan_ptr, B, T, C, V, _code(dout), _stream(stream))
     return dwte, dwpe
+
+
+class EncoderPlan:
+    """encoder_backward's grouping of one (B, T) batch of token ids, made on the host and held on
+    the GPU (make it with encoder_backward_plan). `idx` is the (B, T) int32 ids it groups, on the
+    GPU: pass it as idx to encoder_backward (and to encoder_forward) with the plan. `data` is the
+    whole plan, int32."""
+
+    def __init__(self, data, B, T, C, V):
+        self.data, self.B, self.T, self.C, self.V = data, B, T, C, V
+        self.idx = data[:B * T].reshape(B, T)
+
+    def __repr__(self):
+        return f"EncoderPlan(B={self.B}, T={self.T}, C={self.C}, V={self.V})"
+
+
+def encoder_backward_plan_size(B, T, C):
+    """int32 elements of an encoder_backward plan of (B, T) ids for C channels."""
+    return int(extension().encoder_backward_plan_size(int(B), int(T), int(C)))
+
+
+_PLAN_FIELDS = ("Bc", "Tc", "ids", "region", "head", "run", "order", "long_keys", "long_rows",
+                "owners", "tile_done", "runs_past")
+
+
+def encoder_backward_plan_layout(B, T, C):
+    """Where a plan keeps what (for tests and debugging): the chunk shape Bc, Tc, the offset of
+    the first chunk's region and the size of each region (int32 elements; the ids come first),
+    and the offsets of the parts within a region (see csrc/encoder.cu)."""
+    out = np.zeros(len(_PLAN_FIELDS), dtype=np.int64)
+    extension().encoder_backward_plan_layout(out.ctypes.data, int(B), int(T), int(C))
+    return dict(zip(_PLAN_FIELDS, (int(x) for x in out)))
+
+
+def encoder_backward_plan_host(ids, C, V):
+    """The plan encoder_backward_plan uploads, as a NumPy int32 array (host only; no GPU needed).
+
+    Per chunk of positions (up to 16 sequences and 16384 positions) a stable radix sort by id
+    gives the positions in (id, position) order; from it, each position's run (where its id's
+    positions start in that order, and how many there are), the list of the runs longer than 16
+    positions, and the tiles of 32 list entries where such a run goes on into the next tile. The
+    first B*T elements are the ids themselves. About 0.1 ms of CPU for 16 x 1024 ids."""
+    op = "encoder_backward_plan"
+    if not isinstance(ids, np.ndarray):
+        raise TypeError(f"{op}: argument 'ids' must be a NumPy (host) integer array, got "
+                        f"{type(ids).__name__} (the plan is made on the host)")
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"{op}: argument 'ids' must hold integers, got dtype {ids.dtype}")
+    if ids.ndim != 2 or ids.size == 0:
+        raise ValueError(f"{op}: argument 'ids' must have shape (B, T) with B, T > 0, got "
+                         f"{ids.shape}")
+    B, T = ids.shape
+    _positive(op, "C", C)
+    _positive(op, "V", V)
+    _int32_size(op, "V", V)
+    if B * T > 2**30:
+        raise ValueError(f"{op}: B*T = {B * T} positions exceeds the supported 2**30")
+    bad = (ids < 0) | (ids >= V)
+    if bad.any():
+        b, t = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{op}: ids[{b}, {t}] = {int(ids[b, t])} is outside [0, V = {V})")
+    ids32 = np.ascontiguousarray(ids, dtype=np.int32)
+    ext = extension()
+    plan = np.empty(ext.encoder_backward_plan_size(B, T, int(C)), dtype=np.int32)
+    ext.encoder_backward_plan(plan.ctypes.data, ids32.ctypes.data, B, T, int(C), int(V))
+    return plan
+
+
+def encoder_backward_plan(ids, C, V, out=None, stream=None):
+    """Group (B, T) token ids (a NumPy integer array, each in [0, V)) for encoder_backward on the
+    host, as llm.c does, and copy the plan to the GPU (an asynchronous copy on `stream`; from
+    pageable memory it returns once the host data is staged). C: channels; V: rows of dwte.
+    `out`: an EncoderPlan of the same B, T, C, V to refill (its buffers keep their addresses, so a
+    captured CUDA graph can use it). Returns the EncoderPlan; its .idx holds the ids."""
+    op = "encoder_backward_plan"
+    host = encoder_backward_plan_host(ids, C, V)
+    B, T = ids.shape
+    cp = _cp()
+    if out is None:
+        with _allocation_stream(stream):
+            out = EncoderPlan(cp.empty(host.size, dtype=np.int32), B, T, int(C), int(V))
+    elif not isinstance(out, EncoderPlan):
+        raise TypeError(f"{op}: argument 'out' must be an EncoderPlan, got {type(out).__name__}")
+    elif (out.B, out.T, out.C, out.V) != (B, T, C, V):
+        raise ValueError(f"{op}: argument 'out' is a plan for B={out.B}, T={out.T}, C={out.C}, "
+                         f"V={out.V}, not B={B}, T={T}, C={C}, V={V}")
+    out.data.set(host, stream=stream if stream is not None else cp.cuda.get_current_stream())
+    return out
 
 
 # ---- layernorm ---------------------------------------------------------------------------
