@@ -193,7 +193,7 @@ def run(args, cp):
         up_ms = timer(lambda: ops.encoder_backward_plan(ids32, C, Vp, out=plan))
         record("encoder_backward_plan", up_ms,
                note=f"host: {host_ms:.3f} ms of CPU to group (median), then "
-                    f"{plan.data.nbytes / 1e6:.2f} MB copied; event time of both")
+                    f"{plan.array.nbytes / 1e6:.2f} MB copied; event time of both")
         with cp.cuda.Stream.null:
             ms = timer(lambda: ops.encoder_backward(dout, idx, dwte, dwpe))
         record("encoder_backward (default stream)", ms, nbytes=nb,

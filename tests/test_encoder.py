@@ -529,7 +529,7 @@ def test_encoder_backward_rejects_bad_arguments(cp):
     plan = ops.encoder_backward_plan(np.zeros((B, T), np.int32), C, V)
     with pytest.raises(TypeError, match="encoder_backward: argument 'plan' must be an EncoderPlan"
                                         " \\(made by encoder_backward_plan\\), got ndarray"):
-        ops.encoder_backward(dout, plan.idx, dwte, dwpe, plan=plan.data)
+        ops.encoder_backward(dout, plan.idx, dwte, dwpe, plan=plan.array)
     with pytest.raises(ValueError, match="encoder_backward: with a plan, 'idx' must be plan.idx"):
         ops.encoder_backward(dout, idx, dwte, dwpe, plan=plan)
     with pytest.raises(ValueError, match="encoder_backward: argument 'plan' was made for B=2, T=3, "
@@ -543,5 +543,5 @@ def test_encoder_backward_rejects_bad_arguments(cp):
                                          "B=2, T=2, C=4, V=5, not B=2, T=3, C=4, V=5"):
         ops.encoder_backward_plan(np.zeros((B, T), np.int32), C, V, out=other)
     with pytest.raises(ValueError, match="encoder_backward: arguments 'dwte' and 'plan' overlap"):
-        ops.encoder_backward(dout, plan.idx, plan.data[:V * C].view(cp.float32).reshape(V, C),
+        ops.encoder_backward(dout, plan.idx, plan.array[:V * C].view(cp.float32).reshape(V, C),
                              dwpe, plan=plan)

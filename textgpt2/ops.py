@@ -212,8 +212,8 @@ def encoder_backward(dout, idx, dwte, dwpe, stream=None, scratch=None, plan=None
                              f"C={plan.C}, V={plan.V}; this call has B={B}, T={T}, C={C}, V={V}")
         if idx.data.ptr != plan.idx.data.ptr:
             raise ValueError(f"{op}: with a plan, 'idx' must be plan.idx (the ids it groups)")
-        _check_disjoint(op, dwte=dwte, dwpe=dwpe, dout=dout, scratch=scratch, plan=plan.data)
-        plan_ptr = plan.data.ptr
+        _check_disjoint(op, dwte=dwte, dwpe=dwpe, dout=dout, scratch=scratch, plan=plan.array)
+        plan_ptr = plan.array.data.ptr
     ext.encoder_backward(dwte.data.ptr, dwpe.data.ptr, scratch.data.ptr, dout.data.ptr,
                          idx.data.ptr, plan_ptr, B, T, C, V, _code(dout), _stream(stream))
     return dwte, dwpe
@@ -222,12 +222,12 @@ def encoder_backward(dout, idx, dwte, dwpe, stream=None, scratch=None, plan=None
 class EncoderPlan:
     """encoder_backward's grouping of one (B, T) batch of token ids, made on the host and held on
     the GPU (make it with encoder_backward_plan). `idx` is the (B, T) int32 ids it groups, on the
-    GPU: pass it as idx to encoder_backward (and to encoder_forward) with the plan. `data` is the
-    whole plan, int32."""
+    GPU: pass it as idx to encoder_backward (and to encoder_forward) with the plan. `array` is
+    the whole plan, a CuPy int32 array."""
 
-    def __init__(self, data, B, T, C, V):
-        self.data, self.B, self.T, self.C, self.V = data, B, T, C, V
-        self.idx = data[:B * T].reshape(B, T)
+    def __init__(self, array, B, T, C, V):
+        self.array, self.B, self.T, self.C, self.V = array, B, T, C, V
+        self.idx = array[:B * T].reshape(B, T)
 
     def __repr__(self):
         return f"EncoderPlan(B={self.B}, T={self.T}, C={self.C}, V={self.V})"
@@ -303,7 +303,7 @@ def encoder_backward_plan(ids, C, V, out=None, stream=None):
     elif (out.B, out.T, out.C, out.V) != (B, T, C, V):
         raise ValueError(f"{op}: argument 'out' is a plan for B={out.B}, T={out.T}, C={out.C}, "
                          f"V={out.V}, not B={B}, T={T}, C={C}, V={V}")
-    out.data.set(host, stream=stream if stream is not None else cp.cuda.get_current_stream())
+    out.array.set(host, stream=stream if stream is not None else cp.cuda.get_current_stream())
     return out
 
 
