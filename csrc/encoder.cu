@@ -171,7 +171,8 @@ inline Slicing slicing(int C, int vec) {
 
 // A host plan, int32 elements: the B*T ids, then one region per chunk (in launch order) at
 // these offsets. head[kLongCount]: entries in the long-run list, head[kOwnerCount]: runs that
-// cross tiles; run: per local position {index in order of its run's first entry, run length};
+// cross tiles; run: per local position {index in order of its run's first entry, its length,
+// negated unless the position is the run's last};
 // order: the local positions sorted by (id, position); long_keys/long_rows: (id, row) of the
 // entries of runs longer than kShortRun, in that order; owners: the tile where each crossing run
 // begins; tile_done, runs_past: per channel slice, counters the kernel uses and leaves at zero.
@@ -468,7 +469,7 @@ __device__ __forceinline__ void add_group_shares(float (&sum)[VEC], const float*
 struct Grouping {
     const int* id_count;   // scratch: per id, its positions in the chunk
     const int* bucket;     // scratch: per id, up to kShortRun of them, in arrival order
-    const int2* run;       // plan: per position, {first entry of its run in order, run length}
+    const int2* run;       // plan: per position, {its run's first entry in order, +-length}
     const int* order;      // plan: the chunk's positions sorted by (id, position)
     const int* long_keys;  // both: the entries of the long runs, sorted by (id, position)
     const int* long_rows;
@@ -498,25 +499,16 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
     const bool active = c < C;
     float g[kRowsPerThread][VEC];  // dout[b0 + u, t0 + t], kept from the dwpe sum to dwte
     int id[kRowsPerThread];
-    // each row's run: its length, and (lane j) the j-th of its positions, any order
-    int n[kRowsPerThread], pos[kRowsPerThread];
 #pragma unroll
     for (int u = 0; u < kRowsPerThread; u++) {
         const int b = b0 + u;
         id[u] = -1;
-        n[u] = 0;
-        pos[u] = -1;
 #pragma unroll
         for (int k = 0; k < VEC; k++) g[u][k] = 0.0f;
         if (b < chunk.Bc) {
             const int row = chunk.base + b * chunk.Tc + t;
             id[u] = idx[row];
             if (active) load_vec<T, VEC>(g[u], dout + (long long)row * C + c);
-            if constexpr (kPlanned) {
-                const int2 r = gr.run[b * chunk.Tc + t];
-                n[u] = r.y;
-                if (lane < n[u] && n[u] <= kShortRun) pos[u] = gr.order[r.x + lane];
-            }
         }
     }
     T* prow = dwpe + (long long)(chunk.t0 + t) * C + c;
@@ -584,7 +576,28 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
     // stay converged. Counts and buckets come from L2 (__ldcg): count wrote them during this grid.
     __shared__ int order[kGroups * 64 / 32][kRowsPerThread][kShortRun];
     int (*ord)[kShortRun] = order[(y * blockDim.x + threadIdx.x) / 32];
-    if constexpr (!kPlanned) {
+    unsigned others = 0;  // 5 bits per row: 1 + the other positions of its run; 0: not added here
+    if constexpr (kPlanned) {
+        // The plan says which position is its run's last and lists the run's positions in
+        // order: lane j copies the j-th to the warp's `order` row.
+#pragma unroll
+        for (int u = 0; u < kRowsPerThread; u++) {
+            if (b0 + u >= chunk.Bc) break;
+            const int2 r = gr.run[(b0 + u) * chunk.Tc + t];  // {first, +-length: + if last}
+            const int m = abs(r.y);
+            if (m == 1) others |= 1u << (5 * u);
+            if (m < 2 || m > kShortRun) continue;  // a long run: the tiles add it
+            if (r.y < 0) {  // the run's last position will read this row again
+                const long long row = chunk.base + (b0 + u) * chunk.Tc + t;
+                if (active) keep_in_l2(dout + row * C + c);
+                continue;
+            }
+            if (lane < m - 1) ord[u][lane] = gr.order[r.x + lane];
+            others |= (unsigned)m << (5 * u);
+        }
+    } else {
+        // each row's run: its length, and (lane j) the j-th of its positions, in any order
+        int n[kRowsPerThread], pos[kRowsPerThread];
 #pragma unroll
         for (int u = 0; u < kRowsPerThread; u++) {
             const bool valid = id[u] >= 0 && id[u] < V;
@@ -593,23 +606,22 @@ __device__ __forceinline__ void backward_position(T* __restrict__ dwte, T* __res
                          ? __ldcg(gr.bucket + (long long)id[u] * kShortRun + lane)
                          : -1;
         }
-    }
-    unsigned others = 0;  // 5 bits per row: 1 + the other positions of its run; 0: not added here
 #pragma unroll
-    for (int u = 0; u < kRowsPerThread; u++) {
-        if (n[u] == 1) others |= 1u << (5 * u);
-        if (n[u] < 2 || n[u] > kShortRun) continue;  // a long run: the tiles add it
-        const int p = lane < n[u] ? pos[u] : -1;
-        if (__reduce_max_sync(kFullMask, p) != (b0 + u) * chunk.Tc + t) {
-            // the run's last position will read this row again: keep it in L2 till then
-            const long long row = chunk.base + (b0 + u) * chunk.Tc + t;
-            if (active) keep_in_l2(dout + row * C + c);
-            continue;
+        for (int u = 0; u < kRowsPerThread; u++) {
+            if (n[u] == 1) others |= 1u << (5 * u);
+            if (n[u] < 2 || n[u] > kShortRun) continue;  // a long run: the tiles add it
+            const int p = lane < n[u] ? pos[u] : -1;
+            if (__reduce_max_sync(kFullMask, p) != (b0 + u) * chunk.Tc + t) {
+                // the run's last position will read this row again: keep it in L2 till then
+                const long long row = chunk.base + (b0 + u) * chunk.Tc + t;
+                if (active) keep_in_l2(dout + row * C + c);
+                continue;
+            }
+            int rank = 0;  // the positions are distinct
+            for (int i = 0; i < n[u]; i++) rank += __shfl_sync(kFullMask, p, i) < p;
+            if (lane < n[u]) ord[u][rank] = p;
+            others |= (unsigned)n[u] << (5 * u);
         }
-        int rank = 0;  // the positions are distinct
-        for (int i = 0; i < n[u]; i++) rank += __shfl_sync(kFullMask, p, i) < p;
-        if (lane < n[u]) ord[u][rank] = p;
-        others |= (unsigned)n[u] << (5 * u);
     }
     __syncwarp();
     float w[kRowsPerThread][VEC];
@@ -1031,9 +1043,9 @@ void encoder_backward_plan(uintptr_t plan, uintptr_t ids, int B, int T, int C, i
                 int e = k + 1;
                 while (e < size && key[order[e]] == key[order[k]]) e++;
                 const int len = e - k;
-                for (int q = k; q < e; q++) {
+                for (int q = k; q < e; q++) {  // + the length at the last position, - before
                     r[L.run + 2LL * order[q]] = k;
-                    r[L.run + 2LL * order[q] + 1] = len;
+                    r[L.run + 2LL * order[q] + 1] = q == e - 1 ? len : -len;
                 }
                 if (len > kShortRun) {
                     if (M / kTile != (M + len - 1) / kTile) r[L.owners + crossing++] = M / kTile;

@@ -356,7 +356,10 @@ def _expected_chunk(key, base):
     sorted_keys = key[order]
     first = np.searchsorted(sorted_keys, key)               # where each id's run starts
     length = np.bincount(key)[key]
-    is_long = length[order] > 16
+    rank = np.empty_like(order)
+    rank[order] = np.arange(key.size)
+    length = np.where(rank == first + length - 1, length, -length)  # negated but at the last
+    is_long = np.abs(length[order]) > 16
     long_keys, long_rows = sorted_keys[is_long], base + order[is_long]
     # a long run that spills past a 32-entry tile is owned by the tile of its first entry
     starts = np.flatnonzero(np.r_[True, long_keys[1:] != long_keys[:-1]]) if long_keys.size else []
