@@ -156,6 +156,27 @@ inline ChunkShape chunk_shape(int B, int T) {
     return {std::min({B, kMaxRows, kChunkCap / Tc}), Tc};
 }
 
+// fn(chunk, j) for the chunks of a (B, T) batch in their one fixed order (j = 0, 1, ...): the
+// launches follow it, so each row's sum over chunks has a fixed order too, and so does a plan's
+// list of regions.
+template <typename Fn>
+void for_each_chunk(int B, int T, ChunkShape cs, Fn fn) {
+    long long j = 0;
+    for (int b0 = 0; b0 < B; b0 += cs.Bc)
+        for (int t0 = 0; t0 < T; t0 += cs.Tc, j++)
+            fn(Chunk{b0 * T + t0, t0, std::min(cs.Bc, B - b0), std::min(cs.Tc, T - t0)}, j);
+}
+
+// Offsets of consecutive 256-byte aligned regions in an int32 buffer: take(n) places n elements.
+struct Regions {
+    long long total = 0;
+    long long operator()(long long n) {
+        const long long at = total;
+        total = round_up(total + n, 64);
+        return at;
+    }
+};
+
 // The backward kernel's block: blockDim.x threads across a slice of the row (64 when the row has
 // that many vectors), kGroups groups of rows; small blocks, several per SM.
 struct Slicing {
@@ -193,12 +214,7 @@ PlanLayout plan_layout(const char* op, int B, int T, int C) {
     PlanLayout L{};
     L.Bc = cs.Bc;
     L.Tc = cs.Tc;
-    long long off = 0;
-    auto take = [&](long long n) {  // 256-byte aligned regions
-        const long long o = off;
-        off = round_up(off + n, 64);
-        return o;
-    };
+    Regions take;
     L.head = take(4);
     L.run = take(2 * S);
     L.order = take(S);
@@ -207,7 +223,7 @@ PlanLayout plan_layout(const char* op, int B, int T, int C) {
     L.owners = take((S + kTile - 1) / kTile);
     L.tile_done = take(slices);
     L.runs_past = take(slices);
-    L.region = off;
+    L.region = take.total;
     L.ids = round_up((long long)B * T, 64);
     const long long chunks = (long long)ceil_div(B, cs.Bc) * ceil_div(T, cs.Tc);
     L.total = L.ids + chunks * L.region;
@@ -231,12 +247,7 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
     p.Tc = cs.Tc;
     const long long S = (long long)p.Bc * p.Tc;
     const long long ntiles = (S + kTile - 1) / kTile;
-    long long off = 0;
-    auto take = [&](long long n) {  // 256-byte aligned regions
-        const long long o = off;
-        off = round_up(off + n, 64);
-        return o;
-    };
+    Regions take;
     p.id_count = take(V);
     p.bucket = take((long long)V * kShortRun);
     p.long_ids = take(kMaxLong);
@@ -246,7 +257,7 @@ EncoderPlan encoder_plan(const char* op, int B, int T, int C, int V) {
     p.tile_done = take(C);  // one per channel slice, and there are at most C
     p.owners = take(ntiles);
     p.partials = take(2 * ntiles * C);
-    p.total = off;
+    p.total = take.total;
     return p;
 }
 
@@ -958,25 +969,19 @@ void encoder_backward(uintptr_t dwte, uintptr_t dwpe, uintptr_t scratch, uintptr
         scalar_t* w = as_ptr<scalar_t>(dwte);
         scalar_t* pe = as_ptr<scalar_t>(dwpe);
         const scalar_t* d = as_ptr<const scalar_t>(dout);
-        // Chunks in a fixed order, so each row's sum over chunks is too.
-        int j = 0;
-        for (int b0 = 0; b0 < B; b0 += p.Bc) {
-            for (int t0 = 0; t0 < T; t0 += p.Tc, j++) {
-                const Chunk chunk{b0 * T + t0, t0, std::min(p.Bc, B - b0), std::min(p.Tc, T - t0)};
-                if (plan) {
-                    const Grouping g = plan_grouping(as_ptr<int>(plan) + L.ids + j * L.region, L,
-                                                     s, p);
-                    if (vec) launch_backward<scalar_t, kVec, true>(w, pe, g, p, chunk, d, ids, C, V, st);
-                    else launch_backward<scalar_t, 1, true>(w, pe, g, p, chunk, d, ids, C, V, st);
-                    continue;
-                }
-                launch_group(p, chunk, s, ids, V, slicing(C, vec ? kVec : 1).slices, st);
-                check_launch(op);
-                const Grouping g = scratch_grouping(s, p);
-                if (vec) launch_backward<scalar_t, kVec, false>(w, pe, g, p, chunk, d, ids, C, V, st);
-                else launch_backward<scalar_t, 1, false>(w, pe, g, p, chunk, d, ids, C, V, st);
+        for_each_chunk(B, T, {p.Bc, p.Tc}, [&](const Chunk& chunk, long long j) {
+            if (plan) {
+                const Grouping g = plan_grouping(as_ptr<int>(plan) + L.ids + j * L.region, L, s, p);
+                if (vec) launch_backward<scalar_t, kVec, true>(w, pe, g, p, chunk, d, ids, C, V, st);
+                else launch_backward<scalar_t, 1, true>(w, pe, g, p, chunk, d, ids, C, V, st);
+                return;
             }
-        }
+            launch_group(p, chunk, s, ids, V, slicing(C, vec ? kVec : 1).slices, st);
+            check_launch(op);
+            const Grouping g = scratch_grouping(s, p);
+            if (vec) launch_backward<scalar_t, kVec, false>(w, pe, g, p, chunk, d, ids, C, V, st);
+            else launch_backward<scalar_t, 1, false>(w, pe, g, p, chunk, d, ids, C, V, st);
+        });
     });
     check_launch(op);
 }
@@ -1024,40 +1029,36 @@ void encoder_backward_plan(uintptr_t plan, uintptr_t ids, int B, int T, int C, i
         }
         for (int k = 0; k < count; k++) dst[hist[key_of[src[k]] >> shift & 0xffff]++] = src[k];
     };
-    long long j = 0;
-    for (int b0 = 0; b0 < B; b0 += L.Bc) {
-        for (int t0 = 0; t0 < T; t0 += L.Tc, j++) {
-            const Chunk chunk{b0 * T + t0, t0, std::min(L.Bc, B - b0), std::min(L.Tc, T - t0)};
-            const int size = chunk.size();
-            const int* key = in + chunk.base;  // the id of local position p is key[p]
-            int* r = out + L.ids + j * L.region;
-            int* order = r + L.order;
-            for (int q = 0; q < size; q++) tmp[q] = q;
-            sort_pass(tmp.data(), order, size, key, 0);
-            if (V > (1 << 16)) {  // the high digit
-                sort_pass(order, tmp.data(), size, key, 16);
-                std::copy(tmp.data(), tmp.data() + size, order);
-            }
-            int M = 0, crossing = 0;
-            for (int k = 0; k < size;) {
-                int e = k + 1;
-                while (e < size && key[order[e]] == key[order[k]]) e++;
-                const int len = e - k;
-                for (int q = k; q < e; q++) {  // + the length at the last position, - before
-                    r[L.run + 2LL * order[q]] = k;
-                    r[L.run + 2LL * order[q] + 1] = q == e - 1 ? len : -len;
-                }
-                if (len > kShortRun) {
-                    if (M / kTile != (M + len - 1) / kTile) r[L.owners + crossing++] = M / kTile;
-                    for (int q = k; q < e; q++, M++) {
-                        r[L.long_keys + M] = key[order[q]];
-                        r[L.long_rows + M] = chunk.base + order[q];
-                    }
-                }
-                k = e;
-            }
-            r[L.head + kLongCount] = M;
-            r[L.head + kOwnerCount] = crossing;
+    for_each_chunk(B, T, {L.Bc, L.Tc}, [&](const Chunk& chunk, long long j) {
+        const int size = chunk.size();
+        const int* key = in + chunk.base;  // the id of local position p is key[p]
+        int* r = out + L.ids + j * L.region;
+        int* order = r + L.order;
+        for (int q = 0; q < size; q++) tmp[q] = q;
+        sort_pass(tmp.data(), order, size, key, 0);
+        if (V > (1 << 16)) {  // the high digit
+            sort_pass(order, tmp.data(), size, key, 16);
+            std::copy(tmp.data(), tmp.data() + size, order);
         }
-    }
+        int M = 0, crossing = 0;
+        for (int k = 0; k < size;) {
+            int e = k + 1;
+            while (e < size && key[order[e]] == key[order[k]]) e++;
+            const int len = e - k;
+            for (int q = k; q < e; q++) {  // + the length at the last position, - before
+                r[L.run + 2LL * order[q]] = k;
+                r[L.run + 2LL * order[q] + 1] = q == e - 1 ? len : -len;
+            }
+            if (len > kShortRun) {
+                if (M / kTile != (M + len - 1) / kTile) r[L.owners + crossing++] = M / kTile;
+                for (int q = k; q < e; q++, M++) {
+                    r[L.long_keys + M] = key[order[q]];
+                    r[L.long_rows + M] = chunk.base + order[q];
+                }
+            }
+            k = e;
+        }
+        r[L.head + kLongCount] = M;
+        r[L.head + kOwnerCount] = crossing;
+    });
 }
