@@ -17,8 +17,13 @@ columns, as ours) as an end-to-end check at full size. In the timed steps the tw
 cross-entropy runs over all Vp columns, as nanoGPT does (slicing the logits would add a copy).
 
     python benchmarks/bench_train.py [--model gpt2] [--batch-size 16] [--seq-len 1024]
-        [--steps 20] [--warmup 5] [--graph both|on|off] [--no-torch] [--breakdown]
-        [--json out.json]
+        [--steps 20] [--warmup 5] [--graph both|on|off] [--ids host|device|both]
+        [--no-torch] [--breakdown] [--json out.json]
+
+--ids: where ours gets each batch's token ids. host (the default, as the trainer does): NumPy
+batches, copied in by the forward, and encoder_backward's grouping of the ids made on the host
+(encoder_backward_plan) while the GPU runs the forward; device: CuPy batches already on the GPU,
+grouped there by encoder_backward itself. Rows for device ids end in "_device_ids".
 """
 import argparse
 import gc
@@ -50,6 +55,9 @@ def parse():
                    help="time ours eagerly, through CUDA graphs, or both (default)")
     p.add_argument("--math", choices=("tf32", "fp32"), default="tf32",
                    help="matmul precision for both models (default tf32)")
+    p.add_argument("--ids", choices=("host", "device", "both"), default="host",
+                   help="our batches as NumPy arrays (host, as the trainer; the ids are grouped "
+                        "for encoder_backward on the host), CuPy arrays (device), or both")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin")
     p.add_argument("--breakdown", action="store_true",
                    help="also time every op of our eager step (CUDA events around each call)")
@@ -171,8 +179,9 @@ def bench_ours(args, cfg, T, batches, host_batch):
     init_s = time.perf_counter() - t0
     init_state = model.state_dict()
     opt = AdamW(model, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, max_norm=1.0)
-    xs = [cp.asarray(x) for x, _ in batches]
-    ys = [cp.asarray(y) for _, y in batches]
+    on_device = {"host": [False], "device": [True], "both": [False, True]}[args.ids]
+    device_batches = [(cp.asarray(x), cp.asarray(y)) for x, y in batches]
+    xs, ys = [], []       # the batches the timed steps use: set per mode below
     out = {"init_s": init_s}
 
     # end-to-end check: loss and gradient norm at init on the first batch
@@ -199,8 +208,10 @@ def bench_ours(args, cfg, T, batches, host_batch):
 
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.graph]
     flops = cfg.flops_per_token(T)
-    for use_graph in modes:
-        name = "ours_graph" if use_graph else "ours_eager"
+    for ids_on_device, use_graph in ((d, g) for d in on_device for g in modes):
+        name = ("ours_graph" if use_graph else "ours_eager") + ("_device_ids" if ids_on_device
+                                                                else "")
+        xs[:], ys[:] = zip(*(device_batches if ids_on_device else batches))
         model.use_graph = use_graph
         try:
             cpu0 = time.perf_counter()
@@ -337,18 +348,19 @@ def main():
         print(f"check: init loss rel diff {result['check_rel_diff']['loss']:.2e}, grad norm rel "
               f"diff {result['check_rel_diff']['grad_norm']:.2e} (TF32: expect ~1e-4 / ~1e-3)")
 
-    print(f"\n{'':12s} {'ms/step':>9s} {'tok/s':>11s} {'MFU':>7s} {'vs torch':>9s}")
-    rows = [(k, result[k]) for k in ("ours_eager", "ours_graph") if k in result]
+    print(f"\n{'':21s} {'ms/step':>9s} {'tok/s':>11s} {'MFU':>7s} {'vs torch':>9s}")
+    rows = [(k, result[k]) for k in ("ours_eager", "ours_graph", "ours_eager_device_ids",
+                                     "ours_graph_device_ids") if k in result]
     if tw is not None:
         rows.append(("torch_eager", tw))
     for k, r in rows:
         if "error" in r:
-            print(f"{k:12s} {'failed':>9s}")
+            print(f"{k:21s} {'failed':>9s}")
             continue
         ratio = f"{r['tok_per_s'] / tw['tok_per_s']:8.2f}x" if tw is not None else "       -"
         if k.startswith("ours") and tw is not None:
             result[k]["speedup_vs_torch"] = r["tok_per_s"] / tw["tok_per_s"]
-        print(f"{k:12s} {r['ms_per_step']:9.2f} {r['tok_per_s']:11,.0f} {100 * r['mfu']:6.1f}% "
+        print(f"{k:21s} {r['ms_per_step']:9.2f} {r['tok_per_s']:11,.0f} {100 * r['mfu']:6.1f}% "
               f"{ratio}")
     if args.json:
         with open(args.json, "w") as f:
